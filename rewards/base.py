@@ -1,0 +1,108 @@
+"""One signature for every reward.
+
+A reward is any callable ``reward(images, prompts) -> (rewards, info)`` where
+
+- ``images``: a ``[B, 3, H, W]`` tensor, either ``uint8`` in [0, 255] or floating point in [0, 1],
+  on any device, or a list of ``PIL.Image.Image``;
+- ``prompts``: a sequence of ``B`` strings (the prompt each image was generated from);
+- ``rewards``: a float32 tensor of shape ``[B]`` on the images' device (CPU for PIL input);
+- ``info``: a dict of extra per-batch metadata (lists or tensors of length ``B``, or scalars).
+
+:func:`as_float_images` and :func:`as_uint8_images` turn any accepted input into one canonical form
+and raise ``ValueError`` naming what was expected otherwise. :func:`check_reward_output` validates what
+a reward returned, so user callables get a clear error instead of a shape mismatch deep in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+RewardInfo = dict[str, Any]
+
+
+class RewardFn(Protocol):
+    """The reward protocol (see the module docstring)."""
+
+    def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]: ...
+
+
+def _pil_to_tensor(images: Sequence[Any]) -> torch.Tensor:
+    arrays = []
+    for i, im in enumerate(images):
+        if not hasattr(im, "convert"):
+            raise ValueError(f"images[{i}] is {type(im).__name__}; expected a PIL image in a list of images")
+        arrays.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"all PIL images must share one size, got {sorted(shapes)}")
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def _as_tensor(images: Any) -> torch.Tensor:
+    if isinstance(images, (list, tuple)):
+        if len(images) == 0:
+            raise ValueError("images is empty; expected at least one image")
+        return _pil_to_tensor(images)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(
+            f"images is {type(images).__name__}; expected a [B, 3, H, W] tensor (uint8 or float in [0, 1]) "
+            "or a list of PIL images"
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images has shape {tuple(images.shape)}; expected [B, 3, H, W]")
+    return images
+
+
+def as_float_images(images: Any) -> torch.Tensor:
+    """Return images as a float32 ``[B, 3, H, W]`` tensor in [0, 1] on their own device."""
+    x = _as_tensor(images)
+    if x.dtype == torch.uint8:
+        return x.float() / 255.0
+    if not x.is_floating_point():
+        raise ValueError(f"images has dtype {x.dtype}; expected uint8 or a floating-point dtype")
+    return x.float().clamp(0.0, 1.0)
+
+
+def as_uint8_images(images: Any) -> torch.Tensor:
+    """Return images as a uint8 ``[B, 3, H, W]`` tensor on their own device."""
+    x = _as_tensor(images)
+    if x.dtype == torch.uint8:
+        return x
+    return (as_float_images(x) * 255.0).round().to(torch.uint8)
+
+
+def check_prompts(prompts: Sequence[str], batch: int) -> list[str]:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts is {type(prompts).__name__}; expected a sequence of {batch} strings")
+    if len(prompts) != batch:
+        raise ValueError(f"got {len(prompts)} prompts for {batch} images; expected one prompt per image")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise ValueError(f"prompts[{i}] is {type(p).__name__}; expected str")
+    return list(prompts)
+
+
+def check_reward_output(out: Any, batch: int, name: str = "reward") -> tuple[torch.Tensor, RewardInfo]:
+    """Validate a reward function's return value and normalise it to ``(float32 tensor [B], dict)``.
+
+    Accepts ``(rewards, info)`` or a bare ``rewards``; ``rewards`` may be a tensor, numpy array or list.
+    NaN values are allowed through (the trainer decides what to do with them) but the shape must be ``[B]``.
+    """
+    info: RewardInfo = {}
+    if isinstance(out, tuple):
+        if len(out) != 2 or not isinstance(out[1], dict):
+            raise ValueError(f"{name} returned a tuple of length {len(out)}; expected (rewards, info_dict)")
+        out, info = out
+    if isinstance(out, (list, np.ndarray, float, int)):
+        out = torch.as_tensor(np.asarray(out, dtype=np.float32))
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(f"{name} returned {type(out).__name__}; expected a tensor of shape [{batch}]")
+    if out.shape != (batch,):
+        raise ValueError(f"{name} returned shape {tuple(out.shape)}; expected [{batch}] (one reward per image)")
+    return out.to(torch.float32), info

@@ -1,0 +1,73 @@
+"""JPEG (in)compressibility rewards (DDPO paper, appendix A.4).
+
+The reward is the size in kilobytes (1 kB = 1000 bytes) of the image encoded as a JPEG at quality 95;
+incompressibility rewards large files, compressibility (the negation) small ones.
+
+Encoding runs in a thread pool: Pillow releases the GIL while encoding, so a batch is spread over
+cores instead of serialising on the interpreter.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rewards.base import RewardInfo, as_uint8_images, check_prompts
+
+JPEG_QUALITY = 95
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="jpeg")
+    return _POOL
+
+
+def _jpeg_kb(array: np.ndarray, quality: int) -> float:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.tell() / 1000.0
+
+
+def jpeg_size_kb(images, quality: int = JPEG_QUALITY) -> torch.Tensor:
+    """Size in kB of each image's JPEG encoding, as float32 ``[B]`` on the images' device."""
+    x = as_uint8_images(images)
+    arrays = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    sizes = list(_pool().map(lambda a: _jpeg_kb(a, quality), arrays))
+    return torch.tensor(sizes, dtype=torch.float32, device=x.device)
+
+
+class JpegIncompressibility:
+    """Reward = JPEG size in kB at quality 95 (bigger files score higher)."""
+
+    sign = 1.0
+    name = "jpeg_incompressibility"
+
+    def __init__(self, quality: int = JPEG_QUALITY):
+        if not 1 <= int(quality) <= 100:
+            raise ValueError(f"quality={quality}; expected an integer JPEG quality in [1, 100]")
+        self.quality = int(quality)
+
+    def __call__(self, images, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
+        kb = jpeg_size_kb(images, self.quality)
+        check_prompts(prompts, kb.shape[0])
+        return self.sign * kb, {"jpeg_kb": kb}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(quality={self.quality})"
+
+
+class JpegCompressibility(JpegIncompressibility):
+    """Reward = minus the JPEG size in kB at quality 95 (smaller files score higher)."""
+
+    sign = -1.0
+    name = "jpeg_compressibility"
