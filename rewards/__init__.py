@@ -1,11 +1,14 @@
 """Reward functions for denoise-gym: one signature for all (see :mod:`rewards.base`).
 
 ``make_reward(name, **kwargs)`` builds a registered reward; ``register_reward(name, factory)`` adds one.
+``make_reward({"aesthetic": 1.0, "jpeg_compressibility": 0.1})`` builds a :class:`WeightedSum`
+(multi-objective reward; names and callables may be mixed), and ``make_reward(fn)`` returns a user
+callable unchanged (wrap it in :class:`CallableReward` to have its output validated).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rewards.base import (
@@ -15,6 +18,7 @@ from rewards.base import (
     check_prompts,
     check_reward_output,
 )
+from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
@@ -22,6 +26,10 @@ _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
 def register_reward(name: str, factory: Callable[..., RewardFn], *, override: bool = False) -> None:
     """Register ``factory(**kwargs) -> reward`` under ``name``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward name is {name!r}; expected a non-empty string")
+    if not callable(factory):
+        raise ValueError(f"factory for {name!r} is {type(factory).__name__}; expected a callable")
     if name in _REGISTRY and not override:
         raise ValueError(f"reward {name!r} is already registered; pass override=True to replace it")
     _REGISTRY[name] = factory
@@ -31,8 +39,11 @@ def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_reward(name_or_fn: str | RewardFn, **kwargs: Any) -> RewardFn:
-    """Build a reward from a registered name, or return a callable unchanged."""
+def make_reward(name_or_fn: str | RewardFn | Mapping[Any, float], **kwargs: Any) -> RewardFn:
+    """Build a reward from a registered name, a ``{reward: weight}`` mapping (a :class:`WeightedSum`;
+    ``kwargs`` go to its ``component_kwargs``), or return a callable unchanged."""
+    if isinstance(name_or_fn, Mapping):
+        return WeightedSum(name_or_fn, component_kwargs=kwargs or None)
     if callable(name_or_fn) and not isinstance(name_or_fn, str):
         if kwargs:
             raise ValueError("reward kwargs were given with a callable reward; configure the callable instead")
@@ -44,8 +55,12 @@ def make_reward(name_or_fn: str | RewardFn, **kwargs: Any) -> RewardFn:
 
 register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
+register_reward("weighted_sum", WeightedSum)
 
 __all__ = [
+    "CallableReward",
+    "WeightedSum",
+    "reward_name",
     "RewardFn",
     "as_float_images",
     "as_uint8_images",
