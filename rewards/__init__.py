@@ -14,10 +14,12 @@ from typing import Any
 from rewards.base import (
     RewardFn,
     as_float_images,
+    MissingModelError,
     as_uint8_images,
     check_prompts,
     check_reward_output,
 )
+from rewards.aesthetic import AestheticHead, AestheticReward, clip_preprocess, load_aesthetic_head
 from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
@@ -56,8 +58,14 @@ def make_reward(name_or_fn: str | RewardFn | Mapping[Any, float], **kwargs: Any)
 register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
 register_reward("weighted_sum", WeightedSum)
+register_reward("aesthetic", AestheticReward)
 
 __all__ = [
+    "AestheticHead",
+    "AestheticReward",
+    "MissingModelError",
+    "clip_preprocess",
+    "load_aesthetic_head",
     "CallableReward",
     "WeightedSum",
     "reward_name",

@@ -106,3 +106,10 @@ def check_reward_output(out: Any, batch: int, name: str = "reward") -> tuple[tor
     if out.shape != (batch,):
         raise ValueError(f"{name} returned shape {tuple(out.shape)}; expected [{batch}] (one reward per image)")
     return out.to(torch.float32), info
+
+
+class MissingModelError(FileNotFoundError):
+    """Model weights a reward needs are neither at the given path nor in the local Hugging Face cache.
+
+    Rewards never download weights themselves; the message says what is missing and how to get it.
+    """
