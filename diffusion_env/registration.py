@@ -1,0 +1,49 @@
+"""Registered environment IDs (imported by ``import diffusion_env``).
+
+``Denoise-SD14-*``: the DDPO paper's tasks on Stable Diffusion v1.4 (512×512, 50 DDIM steps, η = 1,
+guidance 5). ``Denoise-Tiny-*``: the same tasks on the embedded tiny model (32×32, 20 steps), which
+runs on a CPU in minutes. Every keyword below can be overridden through ``gym.make``/``gym.make_vec``.
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+from diffusion_env.components import SD14_REPO, TINY_MODEL_PATH
+
+SINGLE_ENTRY = "diffusion_env.env:DenoisingSingleEnv"
+VECTOR_ENTRY = "diffusion_env.vector_env:DenoisingEnv"
+
+SD14_DEFAULTS = dict(model=SD14_REPO, height=512, width=512, num_steps=50, eta=1.0, guidance_scale=5.0)
+TINY_DEFAULTS = dict(model=str(TINY_MODEL_PATH), height=32, width=32, num_steps=20, eta=1.0, guidance_scale=5.0)
+
+SD14_TASKS = {
+    "Aesthetic": dict(reward="aesthetic", prompts="simple_animals"),
+    "Compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals"),
+    "Incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals"),
+    "PromptAlignment": dict(reward="prompt_alignment", prompts="animal_activities"),
+}
+TINY_TASKS = {
+    "Compressibility": dict(reward="jpeg_compressibility", prompts="tiny_train"),
+    "Incompressibility": dict(reward="jpeg_incompressibility", prompts="tiny_train"),
+    "PromptAlignment": dict(reward="tiny_prompt_alignment", prompts="tiny_train"),
+}
+
+
+def _register(env_id: str, kwargs: dict) -> None:
+    if env_id in registry:
+        return
+    register(
+        id=env_id,
+        entry_point=SINGLE_ENTRY,
+        vector_entry_point=VECTOR_ENTRY,
+        kwargs=kwargs,
+        disable_env_checker=False,
+    )
+
+
+def register_all() -> None:
+    for task, kw in SD14_TASKS.items():
+        _register(f"Denoise-SD14-{task}-v0", {**SD14_DEFAULTS, **kw})
+    for task, kw in TINY_TASKS.items():
+        _register(f"Denoise-Tiny-{task}-v0", {**TINY_DEFAULTS, **kw})

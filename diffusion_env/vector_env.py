@@ -1,0 +1,385 @@
+"""``DenoisingEnv``: text-to-image denoising as a vectorized, torch-native Gymnasium MDP."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+
+from diffusion_env.components import FrozenComponents, load_components
+from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
+from diffusion_env.step_math import check_std, previous_timestep, schedule_std
+from rewards import check_reward_output, make_reward
+
+PROMPT_CHARSET = string.printable
+MAX_PROMPT_LENGTH = 10_000
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
+    if dtype not in table:
+        raise ValueError(f"dtype={dtype!r}; expected a torch floating dtype or one of {sorted(table)}")
+    return table[dtype]
+
+
+class DenoisingEnv(VectorEnv):
+    """Denoising a batch of latents with a text-conditioned diffusion model, as an MDP (DDPO §4.3).
+
+    ``num_envs`` trajectories advance in lockstep. All tensors stay on ``device``; no step copies
+    data to the host except the terminal step's reward computation when the reward needs it.
+
+    ## Description
+    A state is s_t = (c, t, x_t): the prompt c, the sampler's timestep t and the latent x_t. An action
+    is the next latent a_t = x_{t-1}. The environment is the deterministic "physics" of the MDP: it
+    accepts x_{t-1} as the new state. The stochastic policy p_θ(x_{t-1} | x_t, c) — a Gaussian whose
+    mean and standard deviation :mod:`diffusion_env.step_math` computes — belongs to the agent, which
+    owns the UNet. The environment owns the frozen parts: scheduler, VAE, tokenizer and text encoder,
+    the reward function and the prompt distribution.
+
+    ## Observation space (per sub-environment)
+    ``Dict(prompt=Text, t=Discrete(T), x_t=Box(-inf, inf, latent_shape, float32))`` where T is the
+    scheduler's number of training timesteps and ``latent_shape = (C, H/f, W/f)`` for the VAE's
+    latent channels C and downsampling factor f. Observations are returned batched as a dict with
+    ``prompt`` a tuple of ``num_envs`` strings, ``t`` a ``[num_envs]`` int64 tensor and ``x_t`` a
+    ``[num_envs, *latent_shape]`` tensor, on ``device``.
+
+    ## Action space (per sub-environment)
+    ``Box(-action_bound, action_bound, latent_shape, float32)``: the next latent x_{t-1}. Finite bounds
+    keep Stable-Baselines3 happy; latents of a Gaussian step never come near the default of 100.
+    Actions must be floating-point tensors (or arrays) of shape ``[num_envs, *latent_shape]`` on
+    ``device``; with ``validate_actions=True`` (default) non-finite or out-of-bound values raise
+    ``ValueError`` (one host sync per step; turn off for maximum throughput once an agent is trusted).
+
+    ## Starting state
+    x_T ~ N(0, I) drawn from each sub-environment's own seeded generator, t = the first timestep of the
+    ``num_steps``-step DDIM schedule, c drawn from the prompt distribution with the same generator.
+
+    ## Rewards
+    0 on every step but the last. After the last step the latents x_0 are decoded by the VAE to images
+    in [0, 1] and the reward is ``reward(images, prompts)`` (see :mod:`rewards`), a float32 tensor.
+
+    ## Episode end
+    Terminates after ``num_steps`` actions, for all sub-environments at once. Never truncates.
+    Autoreset mode is ``NEXT_STEP``: the ``step`` after a terminal step resets every sub-environment
+    (its action is ignored) and returns the first observation of new episodes with zero reward.
+    The terminal ``info`` carries ``images`` (``[num_envs, 3, H, W]`` float in [0, 1]), ``prompts``,
+    ``final_latents`` and ``reward_info`` (the reward's metadata), each with a ``_key`` mask.
+
+    ## Arguments
+    - ``num_envs``: number of lockstep trajectories.
+    - ``model``: a local folder or Hugging Face repo id of a Stable-Diffusion-layout model (loaded from the
+      cache only unless ``download=True``); or pass preloaded ``components``.
+    - ``reward``: a registered reward name (:func:`rewards.make_reward`) or a callable; ``reward_kwargs``.
+    - ``prompts``: a prompt-set name (:mod:`diffusion_env.prompts`), a list of prompts, or a callable
+      ``np_random -> str``.
+    - ``num_steps``: DDIM steps per episode; ``eta``: DDIM's η (> 0); ``guidance_scale``: the
+      classifier-free guidance weight policies should use (the env itself does not run the UNet).
+    - ``height``, ``width``: image size in pixels (default: the VAE's sample size).
+    - ``device``, ``dtype``: where and in which precision the frozen parts run.
+    - ``decode_batch_size``: images decoded per VAE call at the terminal step (bounds memory).
+
+    ## Version history
+    - v0: initial version.
+    """
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        *,
+        model: str | None = None,
+        reward: str | Callable = "jpeg_incompressibility",
+        reward_kwargs: dict[str, Any] | None = None,
+        prompts: str | Sequence[str] | PromptSampler = "imagenet_animals",
+        num_steps: int = 50,
+        eta: float = 1.0,
+        guidance_scale: float = 5.0,
+        height: int | None = None,
+        width: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | str = torch.float32,
+        download: bool = False,
+        components: FrozenComponents | None = None,
+        action_bound: float = 100.0,
+        validate_actions: bool = True,
+        decode_batch_size: int = 64,
+        render_mode: str | None = None,
+    ):
+        # 1. Validate settings before loading anything heavy.
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs={num_envs!r}; expected a positive integer")
+        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r}; expected a positive integer")
+        if not eta > 0:
+            raise ValueError(f"eta={eta}; the DDIM step has no density for eta <= 0. Use eta > 0 (DDPO uses 1)")
+        if not guidance_scale >= 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale}; expected >= 1 (1 disables guidance)")
+        if not action_bound > 0 or not np.isfinite(action_bound):
+            raise ValueError(f"action_bound={action_bound}; expected a finite positive number")
+        if decode_batch_size < 1:
+            raise ValueError(f"decode_batch_size={decode_batch_size}; expected a positive integer")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode={render_mode!r}; expected None or one of {self.metadata['render_modes']}")
+        self.num_envs = int(num_envs)
+        self.num_steps = int(num_steps)
+        self.eta = float(eta)
+        self.guidance_scale = float(guidance_scale)
+        self.device = torch.device(device)
+        self.dtype = _parse_dtype(dtype)
+        self.action_bound = float(action_bound)
+        self.validate_actions = validate_actions
+        self.decode_batch_size = int(decode_batch_size)
+        self.render_mode = render_mode
+        self.prompt_sampler = make_prompt_sampler(prompts)
+        self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
+
+        # 2. Frozen components.
+        if components is None:
+            if model is None:
+                raise ValueError("no model: pass model=<local path or Hugging Face repo id> or components=")
+            components = load_components(model, device=self.device, dtype=self.dtype, download=download)
+        else:
+            components.to(self.device, self.dtype)
+        self.components = components
+        self.model_path = components.model_path
+        scheduler = components.scheduler
+        cfg = scheduler.config
+        if cfg.prediction_type != "epsilon":
+            raise ValueError(f"scheduler prediction_type={cfg.prediction_type!r}; only 'epsilon' is supported")
+        if getattr(cfg, "thresholding", False):
+            raise ValueError("scheduler thresholding=True is not supported; use a scheduler without thresholding")
+        if num_steps > cfg.num_train_timesteps:
+            raise ValueError(
+                f"num_steps={num_steps} exceeds the scheduler's {cfg.num_train_timesteps} training timesteps"
+            )
+        self.clip_sample_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
+        self.num_train_timesteps = int(cfg.num_train_timesteps)
+
+        # 3. Per-step tables, on the device (no host sync during an episode).
+        scheduler.set_timesteps(self.num_steps)
+        self.timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.long)
+        self.prev_timesteps = previous_timestep(self.timesteps, self.num_train_timesteps, self.num_steps)
+        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
+        self.final_alpha_cumprod = torch.as_tensor(
+            scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device
+        )
+        check_std(
+            schedule_std(self.timesteps, self.prev_timesteps, self.alphas_cumprod, self.final_alpha_cumprod, self.eta)
+        )
+
+        # 4. Spaces.
+        vae_cfg = components.vae.config
+        self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+        self.height = int(height or vae_cfg.sample_size)
+        self.width = int(width or vae_cfg.sample_size)
+        if self.height % self.vae_scale_factor or self.width % self.vae_scale_factor:
+            raise ValueError(
+                f"height={self.height}, width={self.width}; expected multiples of the VAE factor {self.vae_scale_factor}"
+            )
+        self.latent_shape = (
+            int(vae_cfg.latent_channels),
+            self.height // self.vae_scale_factor,
+            self.width // self.vae_scale_factor,
+        )
+        self.single_observation_space = spaces.Dict(
+            {
+                "prompt": spaces.Text(max_length=MAX_PROMPT_LENGTH, min_length=0, charset=PROMPT_CHARSET),
+                "t": spaces.Discrete(self.num_train_timesteps),
+                "x_t": spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32),
+            }
+        )
+        self.single_action_space = spaces.Box(-self.action_bound, self.action_bound, self.latent_shape, np.float32)
+        self.observation_space = batch_space(self.single_observation_space, self.num_envs)
+        self.action_space = batch_space(self.single_action_space, self.num_envs)
+
+        # 5. Episode state.
+        self._env_rngs: list[np.random.Generator] | None = None
+        self._step_index = -1  # -1: never reset
+        self._needs_reset = True
+        self._prompts: tuple[str, ...] = ()
+        self._latents: torch.Tensor | None = None
+        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last_images: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ frozen-model helpers
+    @property
+    def prompts(self) -> tuple[str, ...] | None:
+        """The finite prompt set of this env, or None for a callable distribution."""
+        return finite_prompts(self.prompt_sampler)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], pooled: bool = False) -> torch.Tensor:
+        """Text-encoder hidden states ``[B, L, D]`` (or pooled ``[B, D]``), cached per prompt."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if missing:
+            tok = self.components.tokenizer
+            ids = tok(
+                list(missing), padding="max_length", max_length=tok.model_max_length,
+                truncation=True, return_tensors="pt",
+            ).input_ids.to(self.device)  # fmt: skip
+            out = self.components.text_encoder(ids)
+            for i, p in enumerate(missing):
+                self._embed_cache[p] = (out.last_hidden_state[i], out.pooler_output[i])
+        return torch.stack([self._embed_cache[p][1 if pooled else 0] for p in prompts])
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode latents to images ``[B, 3, H, W]`` in [0, 1] (float32), in chunks."""
+        vae = self.components.vae
+        scale = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        out = []
+        for chunk in latents.split(self.decode_batch_size):
+            z = chunk.to(self.dtype) / scale + shift
+            out.append(vae.decode(z).sample.float())
+        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
+        """Start ``num_envs`` new episodes.
+
+        ``seed``: an int seeds sub-environment i with ``seed + i`` (so env i equals a single env seeded
+        ``seed + i``); a list gives one seed per sub-environment; None continues each generator.
+        ``options``: ``{"prompts": [...]}`` fixes the prompts of this episode (one per sub-environment).
+        """
+        if isinstance(seed, (list, tuple)):
+            if len(seed) != self.num_envs:
+                raise ValueError(f"got {len(seed)} seeds; expected one per sub-environment ({self.num_envs})")
+            seeds: list[int | None] = list(seed)
+            super().reset(seed=seed[0])
+        else:
+            super().reset(seed=seed)
+            seeds = [None if seed is None else int(seed) + i for i in range(self.num_envs)]
+        if seed is not None or self._env_rngs is None:
+            self._env_rngs = [
+                seeding.np_random(s)[0] if s is not None else seeding.np_random(int(self.np_random.integers(2**62)))[0]
+                for s in seeds
+            ]
+        options = options or {}
+        unknown = set(options) - {"prompts"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}; expected only 'prompts'")
+
+        # 1. Prompts, from each sub-environment's generator (drawn even when fixed, to keep streams aligned).
+        drawn = tuple(self.prompt_sampler(rng) for rng in self._env_rngs)
+        for p in drawn:
+            if not isinstance(p, str):
+                raise ValueError(f"the prompt distribution returned {type(p).__name__}; expected str")
+        if "prompts" in options:
+            fixed = options["prompts"]
+            if isinstance(fixed, str) or len(fixed) != self.num_envs:
+                raise ValueError(f"options['prompts'] must be a list of {self.num_envs} strings")
+            drawn = tuple(str(p) for p in fixed)
+        self._prompts = drawn
+
+        # 2. x_T ~ N(0, I) per sub-environment, drawn on the CPU for device-independent seeding.
+        noise = []
+        for rng in self._env_rngs:
+            g = torch.Generator().manual_seed(int(rng.integers(2**63)))
+            noise.append(torch.randn(self.latent_shape, generator=g))
+        init_sigma = float(getattr(self.components.scheduler, "init_noise_sigma", 1.0))
+        self._latents = (torch.stack(noise) * init_sigma).to(self.device, torch.float32)
+        self._step_index = 0
+        self._needs_reset = False
+        self._last_images = None
+        self.encode_prompts(self._prompts)  # warm the cache once per episode, not per step
+        return self._observation(), {}
+
+    def step(self, actions):
+        if self._step_index < 0:
+            raise RuntimeError("step() was called before reset(); call env.reset(seed=...) first")
+        if self._needs_reset:  # NEXT_STEP autoreset: this action is ignored
+            obs, info = self.reset()
+            zeros = torch.zeros(self.num_envs, device=self.device)
+            false = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+            return obs, zeros, false, false.clone(), info
+
+        self._latents = self._check_actions(actions)
+        self._step_index += 1
+        terminated = self._step_index == self.num_steps
+        terminations = torch.full((self.num_envs,), terminated, dtype=torch.bool, device=self.device)
+        truncations = torch.zeros(self.num_envs, dtype=torch.bool, device=self.device)
+        if not terminated:
+            rewards = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+            return self._observation(), rewards, terminations, truncations, {}
+
+        # Terminal step: decode x_0 and score it.
+        images = self.decode_latents(self._latents)
+        self._last_images = images
+        rewards, reward_info = check_reward_output(
+            self.reward_fn(images, list(self._prompts)), self.num_envs, name=repr(self.reward_fn)
+        )
+        rewards = rewards.to(self.device)
+        mask = np.ones(self.num_envs, dtype=bool)
+        info = {
+            "images": images, "_images": mask,
+            "prompts": self._prompts, "_prompts": mask,
+            "final_latents": self._latents, "_final_latents": mask,
+            "reward_info": reward_info, "_reward_info": mask,
+        }  # fmt: skip
+        self._needs_reset = True
+        return self._observation(), rewards, terminations, truncations, info
+
+    def render(self):
+        """``rgb_array``: uint8 ``[num_envs, H, W, 3]`` of the current latents decoded (final images at the end)."""
+        if self.render_mode is None:
+            gym.logger.warn("render() called without render_mode; pass render_mode='rgb_array'")
+            return None
+        if self._latents is None:
+            raise RuntimeError("render() before reset(); call env.reset() first")
+        images = self._last_images if self._last_images is not None else self.decode_latents(self._latents)
+        return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------ internals
+    @property
+    def current_timestep(self) -> torch.Tensor:
+        """t of the current state, ``[num_envs]`` int64 (0 once the episode is over)."""
+        if self._step_index >= self.num_steps:
+            return torch.zeros(self.num_envs, dtype=torch.long, device=self.device)
+        return self.timesteps[self._step_index].expand(self.num_envs)
+
+    @property
+    def step_index(self) -> int:
+        """How many actions this episode has taken (0 right after reset)."""
+        return self._step_index
+
+    def _observation(self) -> dict[str, Any]:
+        return {"prompt": self._prompts, "t": self.current_timestep, "x_t": self._latents}
+
+    def _check_actions(self, actions) -> torch.Tensor:
+        expected = (self.num_envs, *self.latent_shape)
+        if isinstance(actions, np.ndarray):
+            if not np.issubdtype(actions.dtype, np.floating):
+                raise ValueError(f"actions have dtype {actions.dtype}; expected a floating-point array of shape {expected}")
+            actions = torch.from_numpy(np.ascontiguousarray(actions)).to(self.device)
+        if not isinstance(actions, torch.Tensor):
+            raise ValueError(f"actions are {type(actions).__name__}; expected a torch tensor of shape {expected}")
+        if tuple(actions.shape) != expected:
+            raise ValueError(f"actions have shape {tuple(actions.shape)}; expected {expected} ([num_envs, *latent_shape])")
+        if not actions.is_floating_point():
+            raise ValueError(f"actions have dtype {actions.dtype}; expected a floating-point tensor")
+        if actions.device != self.device and not (
+            actions.device.type == self.device.type and self.device.index is None
+        ):
+            raise ValueError(f"actions are on {actions.device}; expected them on the env's device {self.device}")
+        actions = actions.detach().to(torch.float32)
+        if self.validate_actions:
+            bad = ~torch.isfinite(actions) | (actions.abs() > self.action_bound)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"actions contain NaN, inf or values beyond ±{self.action_bound}; expected finite latents "
+                    "within the action space"
+                )
+        return actions
