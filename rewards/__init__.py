@@ -20,6 +20,13 @@ from rewards.base import (
     check_reward_output,
 )
 from rewards.aesthetic import AestheticHead, AestheticReward, clip_preprocess, load_aesthetic_head
+from rewards.alignment import (
+    ChatCompletionsClient,
+    PromptAlignmentReward,
+    RewardServerError,
+    TinyPromptAlignment,
+    make_bert_scorer,
+)
 from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 
@@ -59,8 +66,15 @@ register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
 register_reward("weighted_sum", WeightedSum)
 register_reward("aesthetic", AestheticReward)
+register_reward("prompt_alignment", PromptAlignmentReward)
+register_reward("tiny_prompt_alignment", TinyPromptAlignment)
 
 __all__ = [
+    "ChatCompletionsClient",
+    "PromptAlignmentReward",
+    "RewardServerError",
+    "TinyPromptAlignment",
+    "make_bert_scorer",
     "AestheticHead",
     "AestheticReward",
     "MissingModelError",

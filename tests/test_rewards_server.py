@@ -1,0 +1,278 @@
+"""The local chat-completions server and the client's fault handling (all on 127.0.0.1)."""
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from rewards.alignment import ChatCompletionsClient, RewardServerError, parse_completion
+from rewards.server import data_url_to_array, image_to_data_url, serve_in_thread
+
+COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
+
+
+def solid(names, size=8):
+    return torch.stack(
+        [torch.tensor(COLOURS[n], dtype=torch.uint8).view(3, 1, 1).expand(3, size, size) for n in names]
+    ).contiguous()
+
+
+def colour_name(image):
+    return ["red", "green", "blue"][int(image.float().mean(dim=(1, 2)).argmax())]
+
+
+def describe_colours(images):
+    return [f"a {colour_name(im)} square" for im in images]
+
+
+@pytest.fixture
+def server():
+    started = []
+
+    def start(describe=describe_colours, **kw):
+        url, stop = serve_in_thread(describe, **kw)
+        started.append(stop)
+        return url
+
+    yield start
+    for stop in started:
+        stop()
+
+
+def client(url, sleeps=None, **kw):
+    kw.setdefault("backoff", 0.01)
+    c = ChatCompletionsClient(url, model="local-describe", api_key="", **kw)
+    if sleeps is not None:
+        c.sleep = sleeps.append  # record backoff delays instead of sleeping
+    return c
+
+
+def test_round_trip_images_arrive_unchanged_and_in_order(server):
+    seen = []
+
+    def describe(images):
+        seen.append(images.clone())
+        return describe_colours(images)
+
+    url = server(describe)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.randint(0, 256, (1, 3, 9, 7), generator=g, dtype=torch.uint8)
+    names = ["blue", "red", "green", "red", "blue"]
+    out = client(url, max_concurrency=3).describe(solid(names))
+    assert out == [f"a {n} square" for n in names]
+    assert all(s.dtype == torch.uint8 and s.shape == (1, 3, 8, 8) for s in seen)
+    client(url).describe(noisy)
+    assert torch.equal(seen[-1], noisy)  # PNG data URLs are lossless
+
+
+def test_data_url_round_trip_and_refusals():
+    a = torch.randint(0, 256, (5, 6, 3), dtype=torch.uint8).numpy()
+    assert (data_url_to_array(image_to_data_url(a)) == a).all()
+    with pytest.raises(ValueError, match="remote URLs are not fetched"):
+        data_url_to_array("https://example.com/cat.png")
+    with pytest.raises(ValueError, match="could not decode"):
+        data_url_to_array("data:image/png;base64,aGVsbG8=")
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_protocol_errors(server):
+    url = server()
+    status, body = _post(url + "/chat/completions", b"{oops")
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    no_image = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    status, body = _post(url + "/chat/completions", json.dumps(no_image).encode())
+    assert status == 400 and "no 'image_url' part" in body["error"]["message"]
+    status, body = _post(url + "/embeddings", b"{}")
+    assert status == 404
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url + "/models", timeout=5) as r:
+        assert json.loads(r.read())["data"][0]["id"] == "local-describe"
+    url2 = server(lambda images: ["only one"] * (len(images) + 1))
+    status, body = _post(url2 + "/chat/completions", client(url2).request_body(image_to_data_url(
+        solid(["red"])[0].permute(1, 2, 0).numpy())))  # fmt: skip
+    assert status == 500 and "expected a list of 1 strings" in body["error"]["message"]
+
+
+def test_server_down_raises_with_the_whole_batch_after_backoff(server):
+    url = server()
+    stop_url, stop = serve_in_thread(describe_colours)
+    stop()  # nothing listens there any more
+    sleeps = []
+    images = solid(["red", "green", "blue"])
+    prompts = ["a red square", "a green square", "a blue square"]
+    with pytest.raises(RewardServerError, match="3 of 3 images got no description") as err:
+        client(stop_url, sleeps, max_retries=2, backoff=0.5, max_concurrency=1).describe(images, prompts)
+    e = err.value
+    assert e.images is images and e.prompts == prompts
+    assert e.failed == [0, 1, 2] and e.descriptions == [None, None, None]
+    assert "cannot reach" in e.errors[0] and "3 attempts" in e.errors[0]
+    # exponential backoff, 2 sleeps per image: 0.5 then 1.0 (plus at most 10% jitter)
+    assert len(sleeps) == 6
+    for first, second in zip(sleeps[0::2], sleeps[1::2]):
+        assert 0.5 <= first <= 0.55 and 1.0 <= second <= 1.1
+    assert url  # the other server is unaffected
+
+
+def test_slow_request_times_out_others_succeed(server):
+    calls = []
+
+    def slow_for_blue(images):
+        calls.append(colour_name(images[0]))
+        if colour_name(images[0]) == "blue":
+            time.sleep(1.0)
+        return describe_colours(images)
+
+    url = server(slow_for_blue)
+    images = solid(["red", "blue", "green"])
+    t0 = time.perf_counter()
+    with pytest.raises(RewardServerError) as err:
+        client(url, timeout=0.2, max_retries=1).describe(images, ["p", "q", "r"])
+    assert time.perf_counter() - t0 < 0.9  # did not wait for the slow handler
+    e = err.value
+    assert e.failed == [1] and "timed out after 0.2 s" in e.errors[1]
+    assert e.descriptions == ["a red square", None, "a green square"]
+    assert calls.count("blue") == 2  # first try + one retry
+
+
+def test_http_500_then_success(server):
+    failures = {"left": 2}
+    lock = threading.Lock()
+
+    def flaky(images):
+        with lock:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise RuntimeError("GPU out of memory")
+        return describe_colours(images)
+
+    url = server(flaky)
+    sleeps = []
+    out = client(url, sleeps, max_retries=3, max_concurrency=1).describe(solid(["green", "red"]))
+    assert out == ["a green square", "a red square"]
+    assert failures["left"] == 0 and len(sleeps) == 2
+
+
+def test_http_500_always_gives_error_with_server_message(server):
+    def broken(images):
+        raise RuntimeError("GPU out of memory")
+
+    url = server(broken)
+    with pytest.raises(RewardServerError, match="HTTP 500.*GPU out of memory"):
+        client(url, max_retries=1).describe(solid(["red"]))
+
+
+def test_malformed_json_is_retried_then_errors(server):
+    count = {"n": 0}
+
+    def once_malformed(payload):
+        count["n"] += 1
+        return (200, b"{this is not json") if count["n"] == 1 else None
+
+    url = server(intercept=once_malformed)
+    assert client(url, max_retries=2).describe(solid(["blue"])) == ["a blue square"]
+    assert count["n"] == 2
+
+    url = server(intercept=lambda payload: (200, json.dumps({"choices": []}).encode()))
+    with pytest.raises(RewardServerError, match="malformed response.*choices") as err:
+        client(url, max_retries=2).describe(solid(["blue", "red"]), ["x", "y"])
+    assert err.value.failed == [0, 1] and "3 attempts" in err.value.errors[0]
+
+
+def test_client_errors_are_not_retried(server):
+    count = {"n": 0}
+
+    def unauthorised(payload):
+        count["n"] += 1
+        return 401, b'{"error": {"message": "bad key"}}'
+
+    url = server(intercept=unauthorised)
+    sleeps = []
+    with pytest.raises(RewardServerError, match="HTTP 401"):
+        client(url, sleeps, max_retries=3).describe(solid(["red"]))
+    assert count["n"] == 1 and sleeps == []
+
+
+def test_concurrency_is_bounded(server):
+    state = {"now": 0, "max": 0}
+    lock = threading.Lock()
+
+    def tracked(images):
+        with lock:
+            state["now"] += 1
+            state["max"] = max(state["max"], state["now"])
+        time.sleep(0.05)
+        with lock:
+            state["now"] -= 1
+        return describe_colours(images)
+
+    url = server(tracked)
+    out = client(url, max_concurrency=3).describe(solid(["red"] * 9))
+    assert out == ["a red square"] * 9
+    assert state["max"] == 3
+
+
+def test_api_key_and_request_shape(server, monkeypatch):
+    seen = []
+    url = server(intercept=lambda payload: seen.append(payload))
+    monkeypatch.setenv("MY_VLM_KEY", "secret-123")
+    c = ChatCompletionsClient(url, model="llava-1.5", api_key_env="MY_VLM_KEY", question="what is this?")
+    assert c.api_key == "secret-123"
+    c.describe(solid(["red"]))
+    msg = seen[0]["messages"][0]
+    assert seen[0]["model"] == "llava-1.5" and msg["role"] == "user"
+    assert msg["content"][0] == {"type": "text", "text": "what is this?"}
+    assert msg["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert ChatCompletionsClient(url).question == "what is happening in this image?"
+
+
+def test_parse_completion():
+    ok = {"choices": [{"message": {"role": "assistant", "content": "a cat"}}]}
+    assert parse_completion(json.dumps(ok).encode()) == "a cat"
+    parts = {"choices": [{"message": {"content": [{"type": "text", "text": "a "}, {"type": "text", "text": "dog"}]}}]}
+    assert parse_completion(json.dumps(parts).encode()) == "a dog"
+    assert parse_completion(b'{"choices": [{"message": {"content": null}}]}') == ""
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_completion(b"<html>")
+    with pytest.raises(ValueError, match="expected a string"):
+        parse_completion(b'{"choices": [{"message": {"content": 3}}]}')
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(base_url="ftp://127.0.0.1/v1"), "expected an http"),
+        (dict(timeout=0), "timeout=0; expected a positive number"),
+        (dict(max_retries=-1), "max_retries"),
+        (dict(max_concurrency=0), "max_concurrency"),
+        (dict(question=" "), "question"),
+        (dict(model=""), "model"),
+        (dict(png_compress_level=12), "png_compress_level"),
+    ],
+)
+def test_client_bad_config(kwargs, match):
+    kwargs.setdefault("base_url", "http://127.0.0.1:1/v1")
+    with pytest.raises(ValueError, match=match):
+        ChatCompletionsClient(**kwargs)
+
+
+def test_client_bad_batch():
+    c = ChatCompletionsClient("http://127.0.0.1:1/v1")
+    with pytest.raises(ValueError, match="one prompt per image"):
+        c.describe(solid(["red", "blue"]), ["only one"])
+    with pytest.raises(ValueError, match=r"expected \[B, 3, H, W\]"):
+        c.describe(torch.zeros(3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="expected a callable"):
+        serve_in_thread("not callable")
