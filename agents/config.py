@@ -1,0 +1,188 @@
+"""One typed configuration per training run, with presets (DDPO appendix A.6 and tiny CPU ones)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Field docstrings are the comments above each field."""
+
+    # Registered environment ID (``gym.make_vec`` is called with it).
+    env_id: str = "Denoise-Tiny-Compressibility-v0"
+    # Algorithm: one of ddpo-is, ddpo-sf, rwr, rwr-sparse (or one registered with agents.register_algo).
+    algo: str = "ddpo-is"
+    # Master seed: environment seeds, sampling noise and minibatch shuffles all derive from it per epoch.
+    seed: int = 0
+    # Number of epochs (collect → update); the run stops earlier if reward_query_budget is reached.
+    num_epochs: int = 32
+    # Stop once this many rewards have been queried (0: no budget, run num_epochs).
+    reward_query_budget: int = 0
+    # Trajectories collected per epoch (= reward queries per epoch). Multiple of sample_batch_size.
+    samples_per_epoch: int = 64
+    # Lockstep trajectories per environment episode (the env's num_envs).
+    sample_batch_size: int = 64
+    # Samples whose (sample, timestep) pairs make one optimizer step. Divides samples_per_epoch.
+    train_batch_size: int = 64
+    # (sample, timestep) pairs per forward/backward call (memory bound); gradients accumulate over calls.
+    micro_batch_size: int = 256
+    # Passes over the epoch's samples (DDPO-IS: several PPO passes; DDPO-SF must be 1).
+    num_inner_epochs: int = 1
+    # Fraction of each trajectory's timesteps trained on (0 < f <= 1).
+    timestep_fraction: float = 1.0
+    # AdamW learning rate.
+    learning_rate: float = 1e-5
+    # AdamW β1.
+    adam_beta1: float = 0.9
+    # AdamW β2.
+    adam_beta2: float = 0.999
+    # AdamW weight decay (appendix A.6: 1e-4).
+    adam_weight_decay: float = 1e-4
+    # AdamW ε.
+    adam_epsilon: float = 1e-8
+    # Gradient clipping by global norm.
+    max_grad_norm: float = 1.0
+    # PPO clip range ε of DDPO-IS (appendix A.1: 1e-4, tuned for mean-reduced log-probs).
+    clip_range: float = 1e-4
+    # Advantages are clipped to ±adv_clip_max.
+    adv_clip_max: float = 5.0
+    # Per-prompt reward buffer length (0: normalise by batch statistics only).
+    per_prompt_buffer_size: int = 32
+    # Rewards a prompt needs before its own statistics replace the batch's.
+    per_prompt_min_count: int = 16
+    # RWR inverse temperature β of the softmax weights (appendix A.2: 0.2).
+    rwr_beta: float = 0.2
+    # RWR-sparse keeps samples at or above this per-prompt quantile (0.9: bottom 90% dropped).
+    rwr_sparse_quantile: float = 0.9
+    # RWR optimizer steps per epoch (each on train_batch_size samples, one random timestep each).
+    rwr_updates_per_epoch: int = 8
+    # LoRA rank (None: full fine-tuning of the UNet).
+    lora_rank: int | None = None
+    # Log-density reduction over latent dimensions: mean (reference convention) or sum (exact).
+    log_prob_reduction: str = "mean"
+    # Classifier-free guidance weight (None: the env's).
+    guidance_scale: float | None = None
+    # DDIM η (None: the env's; must be > 0).
+    eta: float | None = None
+    # Denoising steps per episode (None: the env's).
+    num_steps: int | None = None
+    # Extra keyword arguments for gym.make_vec (model path, prompts, reward_kwargs, …).
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    # Torch device.
+    device: str = "cpu"
+    # Save a checkpoint every this many epochs (and at the end).
+    save_every: int = 1
+    # Write evaluation sample grids every this many epochs (0: only before and after).
+    grid_every: int = 0
+    # Number of fixed evaluation prompts in the grids.
+    num_eval_prompts: int = 8
+    # Where runs are written (a run directory is created below it unless run_dir is set).
+    output_dir: str = "runs"
+    # Explicit run directory (default: output_dir/<env>-<algo>-s<seed>).
+    run_dir: str | None = None
+    # Show progress bars.
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Refuse settings that make no sense, with a message that says how to fix them."""
+        from agents.registry import registered_algos
+
+        errors = []
+        if self.algo not in registered_algos():
+            errors.append(f"algo={self.algo!r}: expected one of {registered_algos()}")
+        for name in ("num_epochs", "samples_per_epoch", "sample_batch_size", "train_batch_size",
+                     "micro_batch_size", "num_inner_epochs", "rwr_updates_per_epoch", "save_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.reward_query_budget < 0:
+            errors.append(f"reward_query_budget={self.reward_query_budget}: expected >= 0 (0 = no budget)")
+        if self.samples_per_epoch % max(1, self.sample_batch_size):
+            errors.append(
+                f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="
+                f"{self.sample_batch_size}: make samples_per_epoch a multiple of it"
+            )
+        if self.samples_per_epoch % max(1, self.train_batch_size):
+            errors.append(
+                f"train_batch_size={self.train_batch_size} does not divide samples_per_epoch="
+                f"{self.samples_per_epoch}: choose a divisor, e.g. {self.samples_per_epoch // 4 or 1}"
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            errors.append(f"timestep_fraction={self.timestep_fraction}: expected 0 < fraction <= 1")
+        if self.eta is not None and not self.eta > 0:
+            errors.append(f"eta={self.eta}: the policy has no density for eta <= 0; use eta > 0 (DDPO uses 1)")
+        if self.learning_rate <= 0:
+            errors.append(f"learning_rate={self.learning_rate}: expected > 0")
+        if self.clip_range <= 0:
+            errors.append(f"clip_range={self.clip_range}: expected > 0")
+        if self.max_grad_norm <= 0:
+            errors.append(f"max_grad_norm={self.max_grad_norm}: expected > 0")
+        if self.algo == "ddpo-sf" and self.num_inner_epochs != 1:
+            errors.append("ddpo-sf is on-policy: num_inner_epochs must be 1 (use ddpo-is for several passes)")
+        if not 0 < self.rwr_sparse_quantile < 1:
+            errors.append(f"rwr_sparse_quantile={self.rwr_sparse_quantile}: expected 0 < q < 1")
+        if self.log_prob_reduction not in ("mean", "sum"):
+            errors.append(f"log_prob_reduction={self.log_prob_reduction!r}: expected 'mean' or 'sum'")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            errors.append(f"lora_rank={self.lora_rank}: expected a positive integer, or None for full fine-tuning")
+        if self.per_prompt_buffer_size and self.per_prompt_min_count > self.per_prompt_buffer_size:
+            errors.append(
+                f"per_prompt_min_count={self.per_prompt_min_count} > per_prompt_buffer_size="
+                f"{self.per_prompt_buffer_size}: it could never be reached"
+            )
+        if errors:
+            raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; expected a subset of {sorted(names)}")
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# DDPO appendix A.6 (Stable Diffusion v1.4): AdamW lr 1e-5, weight decay 1e-4; LoRA rank 4.
+_SD14_COMMON = dict(lora_rank=4, learning_rate=1e-5, adam_weight_decay=1e-4, sample_batch_size=16,
+                    micro_batch_size=64, device="cuda")  # fmt: skip
+# Tiny presets: sized so one epoch of 64 samples takes about 15 s on a 2-core CPU.
+_TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=320,
+                    per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd14": {
+        "ddpo-is": dict(_SD14_COMMON, samples_per_epoch=256, train_batch_size=64, num_inner_epochs=1),
+        "ddpo-sf": dict(_SD14_COMMON, samples_per_epoch=256, train_batch_size=256, num_inner_epochs=1),
+        "rwr": dict(_SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
+                    rwr_updates_per_epoch=400),  # fmt: skip
+        "rwr-sparse": dict(_SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
+                           rwr_updates_per_epoch=400),  # fmt: skip
+    },
+    "tiny": {
+        "ddpo-is": dict(_TINY_COMMON, train_batch_size=16, num_inner_epochs=1),
+        "ddpo-sf": dict(_TINY_COMMON, train_batch_size=64, num_inner_epochs=1),
+        "rwr": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=1e-4),
+        "rwr-sparse": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=1e-4),
+    },
+}
+
+
+def preset_config(preset: str, algo: str, **overrides: Any) -> TrainConfig:
+    """The config of ``preset`` ("sd14" or "tiny") for ``algo``, with field overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    base = PRESETS[preset].get(algo)
+    if base is None:
+        base = {}
+    return TrainConfig(algo=algo, **{**base, **overrides})

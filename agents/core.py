@@ -1,0 +1,190 @@
+"""What every agent shares: rollout collection, per-prompt reward normalisation, optimizer set-up.
+
+The agents talk to the environment only through the Gymnasium vector API (``reset``/``step``) plus
+the policy's own model; everything here is batched over the ``num_envs`` lockstep trajectories.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from agents.policy import GaussianUNetPolicy
+
+
+class Rollout(NamedTuple):
+    """A batch of complete trajectories of the denoising MDP (B trajectories of S steps).
+
+    ``latents[:, j]`` is the state x_t before step j and ``latents[:, j + 1]`` the action taken.
+    """
+
+    prompts: tuple[str, ...]  # [B]
+    latents: torch.Tensor  # [B, S + 1, C, H, W], fp32, x_T … x_0
+    timesteps: torch.Tensor  # [B, S] int64, t of each state
+    log_probs: torch.Tensor  # [B, S] fp32, log π_old(a_j | s_j) at collection time
+    rewards: torch.Tensor  # [B] fp32
+    images: torch.Tensor  # [B, 3, H, W] float in [0, 1] (CPU)
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[1]
+
+
+def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    return Rollout(
+        prompts=tuple(p for r in parts for p in r.prompts),
+        latents=torch.cat([r.latents for r in parts]),
+        timesteps=torch.cat([r.timesteps for r in parts]),
+        log_probs=torch.cat([r.log_probs for r in parts]),
+        rewards=torch.cat([r.rewards for r in parts]),
+        images=torch.cat([r.images for r in parts]),
+    )
+
+
+@torch.no_grad()
+def collect_rollout(
+    env: Any, policy: GaussianUNetPolicy, seed: int, generator: torch.Generator, prompts: Sequence[str] | None = None
+) -> Rollout:
+    """Run one lockstep episode of ``env`` (a DenoisingEnv) with ``policy``; return the trajectories.
+
+    ``seed`` seeds the environment (sub-env i gets ``seed + i``); ``generator`` drives the policy's
+    sampling noise. Nothing leaves the device until the episode is over.
+    """
+    options = {"prompts": list(prompts)} if prompts is not None else None
+    obs, _ = env.reset(seed=seed, options=options)
+    latents, timesteps, log_probs = [obs["x_t"]], [], []
+    terminated = False
+    info: dict[str, Any] = {}
+    rewards = None
+    while not terminated:
+        action, log_prob = policy.act(obs, generator=generator)
+        timesteps.append(obs["t"])
+        log_probs.append(log_prob)
+        obs, rewards, terms, _, info = env.step(action)
+        latents.append(action.float())
+        terminated = "images" in info  # lockstep: all sub-environments end together
+    return Rollout(
+        prompts=tuple(info["prompts"]),
+        latents=torch.stack(latents, dim=1),
+        timesteps=torch.stack(timesteps, dim=1),
+        log_probs=torch.stack(log_probs, dim=1).float(),
+        rewards=rewards.float(),
+        images=info["images"].cpu(),
+    )
+
+
+class PerPromptStatTracker:
+    """Running per-prompt reward statistics for advantage normalisation (DDPO appendix A.3).
+
+    Each prompt keeps its last ``buffer_size`` rewards. A reward's advantage is
+    ``(r - mean_prompt) / (std_prompt + eps)`` once the prompt has ``min_count`` rewards; before that
+    the mean and std of the whole current batch are used. ``buffer_size=0`` disables per-prompt
+    statistics (batch normalisation only).
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6):
+        if buffer_size < 0 or min_count < 1:
+            raise ValueError(f"buffer_size={buffer_size}, min_count={min_count}; expected >= 0 and >= 1")
+        if buffer_size and min_count > buffer_size:
+            raise ValueError(f"min_count={min_count} > buffer_size={buffer_size}; it could never be reached")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.eps = eps
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Add the batch to the buffers and return its advantages (same device and shape as ``rewards``)."""
+        r = rewards.detach().float().cpu().numpy()
+        if len(prompts) != len(r):
+            raise ValueError(f"{len(prompts)} prompts for {len(r)} rewards; expected one prompt per reward")
+        global_mean, global_std = float(r.mean()), float(r.std())
+        adv = (r - global_mean) / (global_std + self.eps)
+        if self.buffer_size:
+            for p, x in zip(prompts, r):
+                self.buffers.setdefault(p, deque(maxlen=self.buffer_size)).append(float(x))
+            for i, p in enumerate(prompts):
+                buf = self.buffers[p]
+                if len(buf) >= self.min_count:
+                    mean, std = float(np.mean(buf)), float(np.std(buf))
+                    adv[i] = (r[i] - mean) / (std + self.eps)
+        return torch.as_tensor(adv, dtype=torch.float32, device=rewards.device)
+
+    def threshold(self, prompts: Sequence[str], rewards: torch.Tensor, quantile: float) -> torch.Tensor:
+        """Per-prompt ``quantile`` of the buffered rewards (the batch's quantile while a prompt has few)."""
+        r = rewards.detach().float().cpu().numpy()
+        fallback = float(np.quantile(r, quantile))
+        out = [
+            float(np.quantile(self.buffers[p], quantile))
+            if self.buffer_size and len(self.buffers.get(p, ())) >= self.min_count
+            else fallback
+            for p in prompts
+        ]
+        return torch.tensor(out, dtype=torch.float32, device=rewards.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "buffers": {p: list(b) for p, b in self.buffers.items()}}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state["buffers"].items()}
+
+    def prompt_means(self) -> dict[str, float]:
+        return {p: float(np.mean(b)) for p, b in self.buffers.items() if b}
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
+    """AdamW with DDPO appendix A.6's settings (taken from the run config)."""
+    if not params:
+        raise ValueError("the policy has no trainable parameters; check lora_rank / full fine-tuning settings")
+    return torch.optim.AdamW(
+        params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
+    )  # fmt: skip
+
+
+def flat_pairs(rollout: Rollout, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> dict[str, Any]:
+    """Gather (sample, timestep) pairs into one flat batch: states, actions, timesteps, old log-probs."""
+    return {
+        "prompt": [rollout.prompts[i] for i in sample_idx.tolist()],
+        "x_t": rollout.latents[sample_idx, step_idx],
+        "t": rollout.timesteps[sample_idx, step_idx],
+        "action": rollout.latents[sample_idx, step_idx + 1],
+        "old_log_prob": rollout.log_probs[sample_idx, step_idx],
+    }
+
+
+def subsample_steps(num_samples: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """For each sample, a random subset of ``round(fraction * S)`` step indices: ``[B, k]``."""
+    k = max(1, int(round(fraction * num_steps)))
+    scores = torch.rand(num_samples, num_steps, generator=generator)
+    return scores.argsort(dim=1)[:, :k]
+
+
+def grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """One host sync: are all gradients finite? (Guards the weights against NaN/inf updates.)"""
+    norms = [p.grad.detach().abs().amax() for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
+
+
+def optimizer_step(policy: GaussianUNetPolicy, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, bool]:
+    """Clip, check and apply the accumulated gradients. Returns ``(grad_norm, applied)``.
+
+    Non-finite gradients (from a NaN reward or loss) are dropped, never applied: the step is skipped.
+    """
+    params = policy.trainable_parameters()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    norm = float(grad_norm)  # one host sync per optimizer step
+    if not np.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        return norm, False
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, True

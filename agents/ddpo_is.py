@@ -1,0 +1,75 @@
+"""DDPO-IS: the importance-sampling policy gradient with PPO's clipped surrogate (DDPO eq. 4, A.1).
+
+For each (sample, timestep) pair of the epoch's trajectories, with advantage A of the sample's
+final reward and ratio ρ = π_θ(a_t | s_t) / π_old(a_t | s_t):
+
+    loss = E[ max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε)) ]
+
+Reading order: 1. every inner epoch reshuffles samples and picks each sample's trained timesteps;
+2. each optimizer step takes ``train_batch_size`` samples and all their chosen timesteps, flattened
+into one list of (sample, timestep) pairs; 3. the pairs go through the UNet ``micro_batch_size`` at a
+time, gradients accumulating; 4. clip, check for non-finite gradients, step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agents.core import flat_pairs, optimizer_step, subsample_steps
+
+
+def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
+    B, S = rollout.num_samples, rollout.num_steps
+    device = rollout.latents.device
+    sums = {"losses/policy_loss": 0.0, "losses/approx_kl": 0.0, "losses/clipfrac": 0.0, "losses/ratio_dev_first": 0.0}
+    acc = torch.zeros(3, device=device)  # loss, approx_kl, clipfrac sums — summed on device, synced once
+    n_pairs, n_steps, skipped, grad_norms = 0, 0, 0, []
+    first_ratio_dev = None
+    policy.unet.train()
+    for _ in range(cfg.num_inner_epochs):
+        # 1. Shuffle samples; choose each sample's timesteps.
+        order = torch.randperm(B, generator=generator)
+        steps = subsample_steps(B, S, cfg.timestep_fraction, generator)  # [B, k]
+        for start in range(0, B, cfg.train_batch_size):
+            # 2. One optimizer step: these samples × their timesteps, flattened and shuffled.
+            idx = order[start : start + cfg.train_batch_size]
+            sample_idx = idx.repeat_interleave(steps.shape[1])
+            step_idx = steps[idx].reshape(-1)
+            perm = torch.randperm(len(sample_idx), generator=generator)
+            sample_idx, step_idx = sample_idx[perm].to(device), step_idx[perm].to(device)
+            total = len(sample_idx)
+            # 3. Micro-batches through the UNet; gradients accumulate.
+            for m in range(0, total, cfg.micro_batch_size):
+                batch = flat_pairs(rollout, sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size])
+                adv = advantages[sample_idx[m : m + cfg.micro_batch_size]]
+                log_prob = policy.log_prob(batch, batch["action"])
+                log_ratio = log_prob - batch["old_log_prob"]
+                ratio = log_ratio.exp()
+                unclipped = -adv * ratio
+                clipped = -adv * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+                loss = torch.maximum(unclipped, clipped).mean()
+                (loss * len(adv) / total).backward()
+                with torch.no_grad():
+                    if first_ratio_dev is None:
+                        first_ratio_dev = log_ratio.abs().max()
+                    acc += torch.stack([
+                        loss * len(adv),
+                        0.5 * (log_ratio**2).sum(),
+                        ((ratio - 1.0).abs() > cfg.clip_range).float().sum(),
+                    ])  # fmt: skip
+                n_pairs += len(adv)
+            # 4. Clip, guard, step.
+            norm, applied = optimizer_step(policy, optimizer, cfg.max_grad_norm)
+            grad_norms.append(norm)
+            n_steps += 1
+            skipped += not applied
+    policy.unet.eval()
+    totals = acc.tolist()
+    sums["losses/policy_loss"] = totals[0] / max(n_pairs, 1)
+    sums["losses/approx_kl"] = totals[1] / max(n_pairs, 1)
+    sums["losses/clipfrac"] = totals[2] / max(n_pairs, 1)
+    sums["losses/ratio_dev_first"] = float(first_ratio_dev) if first_ratio_dev is not None else 0.0
+    sums["losses/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
+    sums["losses/optimizer_steps"] = n_steps - skipped
+    sums["losses/skipped_steps"] = skipped
+    return sums

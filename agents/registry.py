@@ -1,0 +1,43 @@
+"""Algorithm registry: an algorithm is an ``update`` function over one epoch's rollout.
+
+``update(policy, optimizer, rollout, advantages, cfg, generator, tracker) -> dict[str, float]``
+receives the epoch's :class:`~agents.core.Rollout`, the normalised and clipped advantages ``[B]``,
+the run's :class:`~agents.config.TrainConfig`, a seeded ``torch.Generator`` for shuffles, and the
+:class:`~agents.core.PerPromptStatTracker`; it applies its optimizer steps and returns metrics named
+like ``losses/…``. See the README's recipe for adding one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+UpdateFn = Callable[..., dict]
+_ALGOS: dict[str, UpdateFn] = {}
+
+
+def register_algo(name: str, update: UpdateFn, *, override: bool = False) -> None:
+    if name in _ALGOS and not override:
+        raise ValueError(f"algorithm {name!r} is already registered; pass override=True to replace it")
+    _ALGOS[name] = update
+
+
+def get_algo(name: str) -> UpdateFn:
+    _load_builtin()
+    if name not in _ALGOS:
+        raise ValueError(f"unknown algorithm {name!r}; expected one of {registered_algos()}")
+    return _ALGOS[name]
+
+
+def registered_algos() -> list[str]:
+    _load_builtin()
+    return sorted(_ALGOS)
+
+
+def _load_builtin() -> None:
+    if "ddpo-is" in _ALGOS:
+        return
+    from agents import ddpo_is, ddpo_sf, rwr, rwr_sparse
+
+    for name, fn in (("ddpo-is", ddpo_is.update), ("ddpo-sf", ddpo_sf.update),
+                     ("rwr", rwr.update), ("rwr-sparse", rwr_sparse.update)):  # fmt: skip
+        _ALGOS.setdefault(name, fn)

@@ -1,0 +1,349 @@
+"""The training loop shared by every algorithm: collect → normalise → update → log → checkpoint.
+
+A run directory holds::
+
+    config.json            the resolved TrainConfig
+    metrics.jsonl          one line per epoch (charts/…, losses/…, perf/…)
+    tb/                    the same metrics for TensorBoard, plus reward histograms
+    grid_before.png        samples at fixed evaluation prompts and seeds, before training
+    grid_epoch_NNNN.png    the same every ``grid_every`` epochs, and grid_after.png at the end
+    reward_curve.png       mean reward against reward queries
+    checkpoints/ckpt-NNNN  weights, optimizer, per-prompt statistics and epoch (safetensors + JSON)
+    checkpoints/latest     the name of the newest complete checkpoint (replaced atomically)
+
+Every random draw of epoch e derives from ``(seed, e)`` alone, so resuming from the checkpoint of
+epoch e continues exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+from agents.config import TrainConfig
+from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
+from agents.policy import GaussianUNetPolicy
+from agents.registry import get_algo
+
+CHECKPOINT_KEEP = 2
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (independent streams for every (seed, epoch, batch, purpose))."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
+    """The run's vector environment (``gym.make_vec`` with the config's overrides)."""
+    kwargs = dict(cfg.env_kwargs)
+    kwargs.setdefault("device", cfg.device)
+    for name in ("num_steps", "eta", "guidance_scale"):
+        if getattr(cfg, name) is not None:
+            kwargs[name] = getattr(cfg, name)
+    kwargs.update(overrides)
+    if cfg.env_id not in gym.registry:
+        known = sorted(i for i in gym.registry if i.startswith("Denoise-"))
+        raise ValueError(f"unknown env id {cfg.env_id!r}; expected one of {known}")
+    env = gym.make_vec(cfg.env_id, num_envs=num_envs or cfg.sample_batch_size,
+                       vectorization_mode="vector_entry_point", **kwargs)  # fmt: skip
+    return env.unwrapped
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> np.ndarray:
+    """``[N, 3, H, W]`` in [0, 1] → one uint8 ``[rows·H, nrow·W, 3]`` array with 1-pixel gaps."""
+    n, _, h, w = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + 1) + 1, min(n, nrow) * (w + 1) + 1, 3), 255, dtype=np.uint8)
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i, im in enumerate(arr):
+        r, c = divmod(i, nrow)
+        grid[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = im
+    return grid
+
+
+def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    from PIL import Image
+
+    img = Image.fromarray(array)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Trains a :class:`GaussianUNetPolicy` on a registered env with one of the registered algorithms."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        self.cfg = cfg.validate()
+        self.update_fn = get_algo(cfg.algo)
+        self.run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / f"{cfg.env_id}-{cfg.algo}-s{cfg.seed}")
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if not resume and (self.ckpt_dir / "latest").exists():
+            raise ValueError(
+                f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or choose another run_dir"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.env = make_env(cfg)
+        self.policy = GaussianUNetPolicy.from_env(
+            self.env, lora_rank=cfg.lora_rank, reduction=cfg.log_prob_reduction
+        )
+        self.policy.unet.eval()
+        self.optimizer = make_optimizer(self.policy.trainable_parameters(), cfg)
+        self.tracker = PerPromptStatTracker(cfg.per_prompt_buffer_size, cfg.per_prompt_min_count)
+        self.epoch = 0
+        self.reward_queries = 0
+        self.history: list[dict[str, Any]] = []
+        if resume:
+            self._load_checkpoint()
+        else:
+            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():
+                metrics.unlink()
+        self._writer = None
+
+    # ------------------------------------------------------------------ collection
+    def collect(self, epoch: int) -> Rollout:
+        cfg = self.cfg
+        parts = []
+        for b in range(cfg.samples_per_epoch // cfg.sample_batch_size):
+            gen = torch.Generator(device=self.policy.device).manual_seed(derive_seed(cfg.seed, epoch, b, 1))
+            env_seed = derive_seed(cfg.seed, epoch, b, 0) % (2**31)
+            parts.append(collect_rollout(self.env, self.policy, env_seed, gen))
+        return concat_rollouts(parts)
+
+    # ------------------------------------------------------------------ main loop
+    def train(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        if self.epoch == 0 and not (self.run_dir / "grid_before.png").exists():
+            self.write_grid(self.run_dir / "grid_before.png")
+        progress = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.num_epochs, initial=self.epoch, desc=f"{cfg.algo} {cfg.env_id}", unit="epoch")
+        while self.epoch < cfg.num_epochs:
+            if cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget:
+                break
+            metrics = self.train_epoch()
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['charts/reward_mean']:.3g}")
+        if progress is not None:
+            progress.close()
+        self.write_grid(self.run_dir / "grid_after.png")
+        self.plot_reward_curve()
+        if self._writer is not None:
+            self._writer.close()
+        return self.history
+
+    def train_epoch(self) -> dict[str, Any]:
+        cfg, epoch = self.cfg, self.epoch
+        t0 = time.perf_counter()
+        rollout = self.collect(epoch)
+        t_sample = time.perf_counter() - t0
+        rewards = rollout.rewards
+        self.reward_queries += rollout.num_samples
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "charts/reward_queries": self.reward_queries,
+            "charts/reward_mean": float(rewards.nanmean()),
+            "charts/reward_std": float(rewards[torch.isfinite(rewards)].std()) if rewards.numel() > 1 else 0.0,
+        }
+        finite = bool(torch.isfinite(rewards).all())
+        t1 = time.perf_counter()
+        if finite:
+            advantages = self.tracker.update(rollout.prompts, rewards).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 2))
+            metrics.update(self.update_fn(self.policy, self.optimizer, rollout, advantages, cfg, gen, self.tracker))
+            metrics["charts/skipped_update"] = 0
+        else:  # a NaN/inf reward never reaches the weights
+            metrics["charts/skipped_update"] = 1
+            metrics["charts/nonfinite_rewards"] = int((~torch.isfinite(rewards)).sum())
+        t_train = time.perf_counter() - t1
+        metrics["perf/sample_s"] = t_sample
+        metrics["perf/train_s"] = t_train
+        metrics["charts/samples_per_s"] = rollout.num_samples / max(t_sample + t_train, 1e-9)
+        self.epoch += 1
+        self.log(metrics, rollout)
+        if cfg.grid_every and self.epoch % cfg.grid_every == 0:
+            self.write_grid(self.run_dir / f"grid_epoch_{self.epoch:04d}.png")
+        if self.epoch % cfg.save_every == 0 or self.epoch == cfg.num_epochs:
+            self.save_checkpoint()
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    def log(self, metrics: dict[str, Any], rollout: Rollout) -> None:
+        self.history.append(metrics)
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        try:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            step = metrics["charts/reward_queries"]
+            for k, v in metrics.items():
+                if k != "epoch" and isinstance(v, (int, float)):
+                    self._writer.add_scalar(k, v, step)
+            finite = rollout.rewards[torch.isfinite(rollout.rewards)]
+            if finite.numel():
+                self._writer.add_histogram("charts/reward_hist", finite.cpu(), step)
+        except ImportError:  # tensorboard is optional at run time; JSONL is the record
+            pass
+        means = self.tracker.prompt_means()
+        if means:
+            _atomic_write_text(self.run_dir / "prompt_means.json", json.dumps(means, indent=1))
+
+    def eval_prompts(self) -> list[str]:
+        prompts = self.env.prompts
+        if prompts is None:
+            rng = np.random.default_rng(self.cfg.seed)
+            return [self.env.prompt_sampler(rng) for _ in range(self.cfg.num_eval_prompts)]
+        return list(prompts[: self.cfg.num_eval_prompts])
+
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], seed: int = 1234) -> torch.Tensor:
+        env = make_env(self.cfg, num_envs=len(prompts))
+        policy = GaussianUNetPolicy(self.policy.unet, env, reduction=self.cfg.log_prob_reduction)
+        gen = torch.Generator(device=policy.device).manual_seed(seed)
+        return collect_rollout(env, policy, seed, gen, prompts=prompts).images
+
+    def write_grid(self, path: Path) -> None:
+        prompts = self.eval_prompts()
+        save_png(image_grid(self.sample_images(prompts), nrow=len(prompts)), path, scale=4)
+
+    def plot_reward_curve(self) -> None:
+        rows = [json.loads(line) for line in open(self.run_dir / "metrics.jsonl")] if (self.run_dir / "metrics.jsonl").exists() else []
+        if not rows:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x = [r["charts/reward_queries"] for r in rows]
+        y = np.array([r["charts/reward_mean"] for r in rows])
+        s = np.array([r["charts/reward_std"] for r in rows])
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(x, y, label=self.cfg.algo)
+        ax.fill_between(x, y - s, y + s, alpha=0.2)
+        ax.set_xlabel("reward queries")
+        ax.set_ylabel("reward")
+        ax.set_title(self.cfg.env_id)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.run_dir / ".reward_curve.tmp.png"
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.run_dir / "reward_curve.png")
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().contiguous().cpu() for n, p in self.policy.unet.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> Path:
+        """Write ckpt-NNNN atomically (temp folder, fsync, rename), then repoint ``latest``."""
+        self.ckpt_dir.mkdir(exist_ok=True)
+        name = f"ckpt-{self.epoch:04d}"
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file(self.trainable_state(), str(tmp / "weights.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer, self.policy)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state = {
+            "epoch": self.epoch, "reward_queries": self.reward_queries, "optimizer": opt_meta,
+            "tracker": self.tracker.state_dict(), "config": self.cfg.to_dict(), "format": 1,
+        }  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        final = self.ckpt_dir / name
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(self.ckpt_dir / "latest", name)
+        for old in sorted(p for p in self.ckpt_dir.glob("ckpt-*") if p.name != name)[:-(CHECKPOINT_KEEP - 1) or None]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_checkpoint(self) -> None:
+        latest = self.ckpt_dir / "latest"
+        if not latest.exists():
+            raise ValueError(f"{self.run_dir} has no checkpoint to resume (no {latest})")
+        folder = self.ckpt_dir / latest.read_text().strip()
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            weights = load_file(str(folder / "weights.safetensors"))
+            opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+        except Exception as exc:  # truncated, foreign or missing files
+            raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
+                             "expected weights.safetensors, optimizer.safetensors and state.json") from exc  # fmt: skip
+        load_trainable_weights(self.policy.unet, weights)
+        _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.epoch = int(state["epoch"])
+        self.reward_queries = int(state["reward_queries"])
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():  # drop lines of epochs after the checkpoint (an interrupted epoch)
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r["epoch"] < self.epoch]
+            _atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
+
+
+def load_trainable_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's trainable parameters into ``unet``; every key must match exactly."""
+    params = dict(unet.named_parameters())
+    unknown = [k for k in weights if k not in params]
+    if unknown:
+        raise ValueError(f"checkpoint has parameters this model lacks (e.g. {unknown[:3]}); "
+                         "was it written for another model or LoRA setting?")  # fmt: skip
+    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
+    if missing:
+        raise ValueError(f"checkpoint lacks trainable parameters (e.g. {missing[:3]})")
+    with torch.no_grad():
+        for k, v in weights.items():
+            if params[k].shape != v.shape:
+                raise ValueError(f"checkpoint parameter {k} has shape {tuple(v.shape)}; expected {tuple(params[k].shape)}")
+            params[k].copy_(v)
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer, policy: GaussianUNetPolicy):
+    """The optimizer's state dict as safetensors tensors plus JSON metadata (no pickle)."""
+    sd = optimizer.state_dict()
+    tensors = {f"{i}::{k}": torch.as_tensor(v).detach().contiguous().cpu() for i, st in sd["state"].items() for k, v in st.items()}
+    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    meta = {"param_groups": sd["param_groups"], "param_names": names,
+            "state_keys": {str(i): sorted(st) for i, st in sd["state"].items()}}  # fmt: skip
+    return tensors, meta
+
+
+def _optimizer_from_flat(optimizer, policy, tensors, meta) -> None:
+    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    if names != meta["param_names"]:
+        raise ValueError("the checkpoint's optimizer was built for other parameters; was it written for another model?")
+    state = {int(i): {k: tensors[f"{i}::{k}"] for k in keys} for i, keys in meta["state_keys"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
