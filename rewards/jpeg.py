@@ -3,14 +3,19 @@
 The reward is the size in kilobytes (1 kB = 1000 bytes) of the image encoded as a JPEG at quality 95;
 incompressibility rewards large files, compressibility (the negation) small ones.
 
-Encoding runs in a thread pool: Pillow releases the GIL while encoding, so a batch is spread over
-cores instead of serialising on the interpreter.
+Encoding runs in a thread pool and must not serialise on the GIL. Pillow (checked with 13.0) keeps
+the GIL while encoding into a Python file-like object such as ``io.BytesIO`` (``encoder.encode``), but
+releases it when encoding straight into a real file descriptor (``encoder.encode_to_file``). So each
+worker thread encodes into its own in-memory file (``os.memfd_create``; an unlinked temporary file
+where that is unavailable) and reads the size back with ``fstat``: the bytes are the same as with
+``BytesIO``, and a batch is spread over cores. ``tests/test_rewards_async.py`` checks the GIL release.
 """
 
 from __future__ import annotations
 
-import io
 import os
+import tempfile
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,10 +37,27 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+_LOCAL = threading.local()
+
+
+def _scratch_file():
+    """This thread's unbuffered in-memory file (a real descriptor, so Pillow releases the GIL)."""
+    f = getattr(_LOCAL, "file", None)
+    if f is None:
+        if hasattr(os, "memfd_create"):
+            f = open(os.memfd_create("denoise-gym-jpeg", os.MFD_CLOEXEC), "w+b", buffering=0)
+        else:
+            f = tempfile.TemporaryFile(buffering=0)
+        _LOCAL.file = f
+    return f
+
+
 def _jpeg_kb(array: np.ndarray, quality: int) -> float:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-    return buf.tell() / 1000.0
+    f = _scratch_file()
+    f.seek(0)
+    f.truncate(0)
+    Image.fromarray(array).save(f, format="JPEG", quality=quality)
+    return os.fstat(f.fileno()).st_size / 1000.0
 
 
 def jpeg_size_kb(images, quality: int = JPEG_QUALITY) -> torch.Tensor:
