@@ -11,14 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rewards.base import (
-    RewardFn,
-    as_float_images,
-    MissingModelError,
-    as_uint8_images,
-    check_prompts,
-    check_reward_output,
-)
 from rewards.aesthetic import AestheticHead, AestheticReward, clip_preprocess, load_aesthetic_head
 from rewards.alignment import (
     ChatCompletionsClient,
@@ -26,6 +18,14 @@ from rewards.alignment import (
     RewardServerError,
     TinyPromptAlignment,
     make_bert_scorer,
+)
+from rewards.base import (
+    MissingModelError,
+    RewardFn,
+    as_float_images,
+    as_uint8_images,
+    check_prompts,
+    check_reward_output,
 )
 from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
@@ -70,28 +70,28 @@ register_reward("prompt_alignment", PromptAlignmentReward)
 register_reward("tiny_prompt_alignment", TinyPromptAlignment)
 
 __all__ = [
-    "ChatCompletionsClient",
-    "PromptAlignmentReward",
-    "RewardServerError",
-    "TinyPromptAlignment",
-    "make_bert_scorer",
     "AestheticHead",
     "AestheticReward",
-    "MissingModelError",
-    "clip_preprocess",
-    "load_aesthetic_head",
     "CallableReward",
-    "WeightedSum",
-    "reward_name",
+    "ChatCompletionsClient",
+    "JpegCompressibility",
+    "JpegIncompressibility",
+    "MissingModelError",
+    "PromptAlignmentReward",
     "RewardFn",
+    "RewardServerError",
+    "TinyPromptAlignment",
+    "WeightedSum",
     "as_float_images",
     "as_uint8_images",
     "check_prompts",
     "check_reward_output",
+    "clip_preprocess",
     "jpeg_size_kb",
-    "JpegCompressibility",
-    "JpegIncompressibility",
+    "load_aesthetic_head",
+    "make_bert_scorer",
     "make_reward",
     "register_reward",
     "registered_rewards",
+    "reward_name",
 ]

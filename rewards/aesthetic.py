@@ -109,7 +109,9 @@ def resolve_head_path(
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise MissingModelError(f"aesthetic head file {str(p)!r} does not exist; expected a .pth state dict")
+            raise MissingModelError(
+                f"aesthetic head file {str(p)!r} does not exist; expected a .pth state dict"
+            )
         return p
     env = os.environ.get(HEAD_ENV)
     if env:
@@ -156,7 +158,8 @@ def load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, *, cache_dir: str 
             else f"get it with `huggingface-cli download {name}`"
         )
         raise MissingModelError(
-            f"CLIP model {name!r} is neither a loadable local directory nor in the Hugging Face cache; {how}, "
+            f"CLIP model {name!r} is neither a loadable local directory nor in the Hugging Face cache; "
+            f"{how}, "
             "or pass clip_model=<local directory or CLIPModel>."
         ) from e
 
@@ -283,4 +286,7 @@ class AestheticReward:
         return scores.to(out_device, torch.float32), {}
 
     def __repr__(self) -> str:
-        return f"AestheticReward(image_size={self.image_size}, device={self.device}, batch_size={self.batch_size})"
+        return (
+            f"AestheticReward(image_size={self.image_size}, device={self.device}, "
+            f"batch_size={self.batch_size})"
+        )

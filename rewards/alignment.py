@@ -93,10 +93,14 @@ def _is_loopback(host: str | None) -> bool:
 
 def _check_positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    ok = (
+        isinstance(value, kinds) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+    )
     if not ok:
         what = "int" if integer else "number"
-        raise ValueError(f"{name}={value!r}; expected a {'non-negative' if allow_zero else 'positive'} {what}")
+        raise ValueError(
+            f"{name}={value!r}; expected a {'non-negative' if allow_zero else 'positive'} {what}"
+        )
 
 
 def parse_completion(body: bytes) -> str:
@@ -144,7 +148,9 @@ class ChatCompletionsClient:
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
         parsed = urllib.parse.urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"base_url={base_url!r}; expected an http(s) URL such as http://127.0.0.1:8000/v1")
+            raise ValueError(
+                f"base_url={base_url!r}; expected an http(s) URL such as http://127.0.0.1:8000/v1"
+            )
         if not isinstance(model, str) or not model:
             raise ValueError(f"model={model!r}; expected a non-empty model name")
         if not isinstance(question, str) or not question.strip():
@@ -204,7 +210,7 @@ class ChatCompletionsClient:
             detail = e.read()[:200] if e.fp is not None else b""
             msg = f"HTTP {e.code} from {self.url}: {detail!r}"
             raise (_Retryable if e.code in RETRY_STATUS or e.code >= 500 else _Fatal)(msg) from e
-        except (TimeoutError, socket.timeout) as e:
+        except TimeoutError as e:
             raise _Retryable(f"timed out after {self.timeout:g} s waiting for {self.url}") from e
         except urllib.error.URLError as e:
             if isinstance(e.reason, (TimeoutError, socket.timeout)):
@@ -249,7 +255,8 @@ class ChatCompletionsClient:
         if errors:
             first = errors[min(errors)]
             raise RewardServerError(
-                f"{len(errors)} of {len(out)} images got no description from {self.url}; first error: {first}",
+                f"{len(errors)} of {len(out)} images got no description from {self.url}; "
+                f"first error: {first}",
                 images=images, prompts=prompts, descriptions=out, errors=errors,
             )  # fmt: skip
         return out  # type: ignore[return-value]
@@ -320,7 +327,9 @@ def make_bert_scorer(
             try:
                 default_layers = int(json.loads((path / "config.json").read_text())["num_hidden_layers"])
             except (OSError, ValueError, KeyError) as e:
-                raise ValueError(f"cannot read num_hidden_layers from {path}/config.json; pass num_layers") from e
+                raise ValueError(
+                    f"cannot read num_hidden_layers from {path}/config.json; pass num_layers"
+                ) from e
     layers = default_layers if num_layers is None else num_layers
     _check_positive("num_layers", layers, integer=True)
     dev = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -354,9 +363,13 @@ class PromptAlignmentReward:
         if client is None:
             client = ChatCompletionsClient(**client_kwargs)
         elif client_kwargs:
-            raise ValueError(f"client options {sorted(client_kwargs)} were given with a client; configure it instead")
+            raise ValueError(
+                f"client options {sorted(client_kwargs)} were given with a client; configure it instead"
+            )
         if not callable(getattr(client, "describe", None)):
-            raise ValueError(f"client is {type(client).__name__}; expected an object with describe(images, prompts)")
+            raise ValueError(
+                f"client is {type(client).__name__}; expected an object with describe(images, prompts)"
+            )
         self.client = client
         self.scorer = scorer if scorer is not None else make_bert_scorer(
             bertscore_model, bertscore_num_layers, device=device
@@ -395,8 +408,14 @@ class TinyPromptAlignment(PromptAlignmentReward):
 
     name = "tiny_prompt_alignment"
 
-    def __init__(self, describe: Callable[[torch.Tensor], list[str]] | None = None, base_url: str | None = None,
-                 *, scorer: Any = None, **client_kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        describe: Callable[[torch.Tensor], list[str]] | None = None,
+        base_url: str | None = None,
+        *,
+        scorer: Any = None,
+        **client_kwargs: Any,
+    ):
         self._stop: Callable[[], None] | None = None
         if base_url is None:
             from rewards.server import serve_in_thread

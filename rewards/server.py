@@ -94,10 +94,12 @@ def completion_body(text: str, model: str) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 0, "completion_tokens": len(text.split()), "total_tokens": len(text.split())},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": 0,
+            "completion_tokens": len(text.split()),
+            "total_tokens": len(text.split()),
+        },
     }
 
 
@@ -113,7 +115,11 @@ def _describe_images(describe: DescribeFn, images: list[np.ndarray]) -> list[str
     for g in groups:
         batch = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous()
         texts = describe(batch)
-        if isinstance(texts, str) or len(texts) != batch.shape[0] or not all(isinstance(t, str) for t in texts):
+        if (
+            isinstance(texts, str)
+            or len(texts) != batch.shape[0]
+            or not all(isinstance(t, str) for t in texts)
+        ):
             raise RuntimeError(f"describe returned {texts!r}; expected a list of {batch.shape[0]} strings")
         out.extend(texts)
     return out
@@ -145,7 +151,10 @@ def make_handler(describe: DescribeFn, intercept: InterceptFn | None = None) -> 
 
         def do_GET(self) -> None:
             if self._route() == "/models":
-                body = {"object": "list", "data": [{"id": LOCAL_MODEL, "object": "model", "owned_by": "local"}]}
+                body = {
+                    "object": "list",
+                    "data": [{"id": LOCAL_MODEL, "object": "model", "owned_by": "local"}],
+                }
                 self._send(200, json.dumps(body).encode())
             else:
                 self._error(404, f"unknown path {self.path!r}", "not_found")
@@ -153,7 +162,9 @@ def make_handler(describe: DescribeFn, intercept: InterceptFn | None = None) -> 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY_BYTES:
-                self._error(413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}", "invalid_request_error")
+                self._error(
+                    413, f"request body of {length} bytes; at most {MAX_BODY_BYTES}", "invalid_request_error"
+                )
                 self.close_connection = True
                 return
             raw = self.rfile.read(length)
@@ -238,7 +249,9 @@ def _load_describe(spec: str) -> DescribeFn:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a describe(images) function as OpenAI chat completions")
+    parser = argparse.ArgumentParser(
+        description="Serve a describe(images) function as OpenAI chat completions"
+    )
     parser.add_argument("--describe", default="rewards.tinyworld.captioner:describe",
                         help="'module:function' taking uint8 [B,3,H,W] and returning B strings")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")

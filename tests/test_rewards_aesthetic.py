@@ -37,14 +37,25 @@ def tiny_clip(projection_dim=768, image_size=32, seed=0):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-            image_size=image_size, patch_size=8,
-        ),
+        text_config={
+            "vocab_size": 64,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": image_size,
+            "patch_size": 8,
+        },
         projection_dim=projection_dim,
     )
     torch.manual_seed(seed)
@@ -88,7 +99,7 @@ def test_end_to_end_tiny_clip_with_real_head_matches_reference():
     reward = AestheticReward(clip_model=clip, head=REAL_HEAD, batch_size=2)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (5, 3, 48, 48), generator=g, dtype=torch.uint8)
-    r, info = reward(images, ["p"] * 5)
+    r, _info = reward(images, ["p"] * 5)
     assert r.shape == (5,) and r.dtype == torch.float32 and torch.isfinite(r).all()
     # reference: same steps written out here
     x = torch.nn.functional.interpolate(images.float() / 255, size=(32, 32), mode="bicubic", antialias=True)

@@ -76,7 +76,7 @@ def test_make_reward_from_mapping_and_registry():
 
 def test_user_callable_registered_under_a_name_plugs_into_weighted_sum():
     name = "test_rewards_composite_mean_pixel"
-    rewards.register_reward(name, lambda scale=1.0: (lambda im, p: mean_pixel(im, p)[0] * scale), override=True)
+    rewards.register_reward(name, lambda scale=1.0: lambda im, p: mean_pixel(im, p)[0] * scale, override=True)
     ws = make_reward({name: 1.0}, **{name: {"scale": 10.0}})
     images = _images(2)
     torch.testing.assert_close(ws(images, ["a", "b"])[0], 10.0 * images.float().mean(dim=(1, 2, 3)) / 255.0)
@@ -118,5 +118,5 @@ def test_weighted_sum_accepts_pil_and_numpy_returning_callables():
 
     pil = [Image.fromarray(np.full((8, 8, 3), v, dtype=np.uint8)) for v in (0, 255)]
     ws = WeightedSum({(lambda im, p: np.array([1.0, 2.0])): 3.0})
-    r, info = ws(pil, ["a", "b"])
+    r, _info = ws(pil, ["a", "b"])
     assert r.tolist() == [3.0, 6.0]

@@ -241,7 +241,11 @@ def test_api_key_and_request_shape(server, monkeypatch):
 def test_parse_completion():
     ok = {"choices": [{"message": {"role": "assistant", "content": "a cat"}}]}
     assert parse_completion(json.dumps(ok).encode()) == "a cat"
-    parts = {"choices": [{"message": {"content": [{"type": "text", "text": "a "}, {"type": "text", "text": "dog"}]}}]}
+    parts = {
+        "choices": [
+            {"message": {"content": [{"type": "text", "text": "a "}, {"type": "text", "text": "dog"}]}}
+        ]
+    }
     assert parse_completion(json.dumps(parts).encode()) == "a dog"
     assert parse_completion(b'{"choices": [{"message": {"content": null}}]}') == ""
     with pytest.raises(ValueError, match="not JSON"):
@@ -253,13 +257,13 @@ def test_parse_completion():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(base_url="ftp://127.0.0.1/v1"), "expected an http"),
-        (dict(timeout=0), "timeout=0; expected a positive number"),
-        (dict(max_retries=-1), "max_retries"),
-        (dict(max_concurrency=0), "max_concurrency"),
-        (dict(question=" "), "question"),
-        (dict(model=""), "model"),
-        (dict(png_compress_level=12), "png_compress_level"),
+        ({"base_url": "ftp://127.0.0.1/v1"}, "expected an http"),
+        ({"timeout": 0}, "timeout=0; expected a positive number"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"max_concurrency": 0}, "max_concurrency"),
+        ({"question": " "}, "question"),
+        ({"model": ""}, "model"),
+        ({"png_compress_level": 12}, "png_compress_level"),
     ],
 )
 def test_client_bad_config(kwargs, match):
