@@ -199,6 +199,7 @@ def make_handler(describe: DescribeFn, intercept: InterceptFn | None = None) -> 
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a slow handler never blocks stop()
+    request_queue_size = 128  # the default 5 drops connections under a burst of concurrent requests
     block_on_close = False
 
     def handle_error(self, request: Any, client_address: Any) -> None:

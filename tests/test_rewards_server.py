@@ -280,3 +280,16 @@ def test_client_bad_batch():
         c.describe(torch.zeros(3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="expected a callable"):
         serve_in_thread("not callable")
+
+
+def test_burst_of_concurrent_requests_is_not_stalled(server):
+    # a listen backlog that is too small drops connections of a burst; TCP then retries after ~1 s
+    url = server()
+    c = client(url, max_concurrency=24, max_retries=0)
+    images = solid(["red", "green", "blue"] * 8)
+    c.describe(images)  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(3):
+        assert c.describe(images) == describe_colours(images)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 2.0, f"3 bursts of 24 requests took {elapsed:.2f} s"
