@@ -19,6 +19,7 @@ from rewards.alignment import (
     TinyPromptAlignment,
     make_bert_scorer,
 )
+from rewards.async_eval import AsyncRewardEvaluator, RewardHandle
 from rewards.base import (
     MissingModelError,
     RewardFn,
@@ -29,6 +30,7 @@ from rewards.base import (
 )
 from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from rewards.server import serve_in_thread
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
@@ -72,6 +74,7 @@ register_reward("tiny_prompt_alignment", TinyPromptAlignment)
 __all__ = [
     "AestheticHead",
     "AestheticReward",
+    "AsyncRewardEvaluator",
     "CallableReward",
     "ChatCompletionsClient",
     "JpegCompressibility",
@@ -79,6 +82,7 @@ __all__ = [
     "MissingModelError",
     "PromptAlignmentReward",
     "RewardFn",
+    "RewardHandle",
     "RewardServerError",
     "TinyPromptAlignment",
     "WeightedSum",
@@ -94,4 +98,5 @@ __all__ = [
     "register_reward",
     "registered_rewards",
     "reward_name",
+    "serve_in_thread",
 ]
