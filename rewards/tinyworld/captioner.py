@@ -3,8 +3,8 @@
 Per image:
 
 1. the background colour is the per-channel median of the border pixels;
-2. a pixel is foreground when it is far from the background (RGB distance > ``FG_DISTANCE``) and closer
-   to some palette colour than to the background; it takes the nearest palette colour's label;
+2. a pixel is foreground when it is more than half-way from the background to a palette colour (see
+   :func:`_labels`) and far from the background (RGB distance > ``FG_DISTANCE``); it takes that colour;
 3. 4-connected components of equal colour label (vectorised min-label propagation over the batch);
    components smaller than ``MIN_AREA`` (in 32x32 pixels) are dropped as specks;
 4. each component gets a shape from descriptors of its mask: a triangle (apex up) has much less than
@@ -29,6 +29,7 @@ from rewards.base import as_uint8_images, check_prompts
 from rewards.tinyworld.world import COLOURS, caption_of, parse_prompt
 
 FG_DISTANCE = 40.0
+FG_ALPHA = 0.5
 MIN_AREA = 10.0  # pixels at 32x32; smallest true object (a row triangle) covers ~32
 TRIANGLE_TOP_SHARE = 0.38
 SQUARE_FILL = 0.92
@@ -48,14 +49,24 @@ def _to_hwc(images) -> np.ndarray:
 
 
 def _labels(img: np.ndarray) -> np.ndarray:
-    """Colour class per pixel: ``-1`` background, else an index into the palette. ``img`` is [B,H,W,3]."""
+    """Colour class per pixel: ``-1`` background, else an index into the palette. ``img`` is [B,H,W,3].
+
+    Each pixel is explained as a mix ``bg + alpha * (colour - bg)`` of the background and one palette
+    colour (the one whose mixing segment passes closest); it belongs to the object when ``alpha`` is
+    over one half, i.e. the half-way contour, which keeps a blurred edge where the sharp edge was.
+    """
     x = img.astype(np.float32)
     border = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)  # [B, N, 3]
-    bg = np.median(border, axis=1)[:, None, None, :]
-    d_bg = np.linalg.norm(x - bg, axis=-1)
-    d_pal = np.linalg.norm(x[..., None, :] - _PALETTE, axis=-1)  # [B, H, W, K]
-    cls = d_pal.argmin(-1)
-    fg = (d_bg > FG_DISTANCE) & (d_pal.min(-1) < d_bg)
+    bg = np.median(border, axis=1)[:, None, None, None, :]  # [B, 1, 1, 1, 3]
+    seg = _PALETTE - bg  # [B, 1, 1, K, 3]
+    rel = x[..., None, :] - bg  # [B, H, W, 1, 3]
+    alpha = (rel * seg).sum(-1) / np.maximum((seg * seg).sum(-1), 1.0)  # [B, H, W, K]
+    alpha_c = np.clip(alpha, 0.0, 1.0)
+    resid = np.linalg.norm(rel - alpha_c[..., None] * seg, axis=-1)
+    cls = resid.argmin(-1)
+    a = np.take_along_axis(alpha, cls[..., None], -1)[..., 0]
+    d_bg = np.linalg.norm(rel[..., 0, :], axis=-1)
+    fg = (a > FG_ALPHA) & (d_bg > FG_DISTANCE)
     return np.where(fg, cls, -1)
 
 
