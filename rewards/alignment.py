@@ -4,8 +4,9 @@ happening in the image, then score its answer against the prompt with BERTScore 
 - :class:`ChatCompletionsClient` talks to any OpenAI-compatible ``/chat/completions`` endpoint (a hosted
   API, a vLLM/llama.cpp server, or :mod:`rewards.server`) with the standard library only. Each image is
   one request: the question as a text part and the image as a base64 PNG data URL in an ``image_url``
-  part. Requests run in a bounded thread pool (``max_concurrency``), each with a socket timeout
-  (``timeout`` seconds), and are retried ``max_retries`` times with exponential backoff
+  part. Requests run in a bounded thread pool (``max_concurrency``), each with a timeout of
+  ``timeout`` seconds on connecting and on every socket read (a server that stops answering for that
+  long fails the attempt), and are retried ``max_retries`` times with exponential backoff
   (``backoff * 2**attempt``, capped at ``backoff_max``) on timeouts, connection errors, HTTP 429/5xx
   and malformed responses (not JSON, or no ``choices[0].message.content`` string). Other HTTP errors
   (e.g. 401 bad key, 400) are not retried. When any image still fails, :class:`RewardServerError` is

@@ -12,8 +12,8 @@
 
 Each :class:`RewardHandle` is bound to its own batch (``handle.images``, ``handle.prompts``, an
 optional ``tag``), so results can never be matched to the wrong samples, whatever the completion
-order. Tensor images are copied at submission (``copy_images=True``) so the sampler may reuse its
-buffers. A failing reward raises from ``handle.result()``; the handle still holds the batch (and a
+order. Tensor and numpy images are copied at submission (``copy_images=True``; PIL lists become a
+uint8 tensor) so the sampler may reuse its buffers. A failing reward raises from ``handle.result()``; the handle still holds the batch (and a
 :class:`rewards.alignment.RewardServerError` carries it too), so the trainer can resubmit or checkpoint.
 ``max_pending`` bounds the number of batches in flight: ``submit`` blocks when it is reached.
 """
@@ -96,10 +96,10 @@ class AsyncRewardEvaluator:
         x = _as_tensor(images)  # validates the shape now, not later in a worker thread
         batch = int(x.shape[0])
         prompts = check_prompts(prompts, batch)
-        if isinstance(images, torch.Tensor) and self.copy_images:
-            images = images.detach().clone()
-        elif not isinstance(images, torch.Tensor):
-            images = x if isinstance(images, (list, tuple)) else images  # PIL lists: snapshot as a tensor
+        if isinstance(images, (list, tuple)):
+            images = x  # PIL images: snapshot as a uint8 tensor
+        elif self.copy_images:
+            images = images.detach().clone() if isinstance(images, torch.Tensor) else images.copy()
         if self._slots is not None:
             self._slots.acquire()
         index = next(self._counter)

@@ -3,7 +3,8 @@
 ``describe(images) -> list[str]`` receives a ``uint8 [B, 3, H, W]`` tensor (the images of one request)
 and returns one description per image. The server answers ``POST {base}/chat/completions`` (``base`` is
 ``/v1`` or empty) with a ``chat.completion`` whose message content is the descriptions joined by
-newlines, and ``GET {base}/models`` with one model, ``local-describe``.
+newlines, and ``GET {base}/models`` with one model, ``local-describe``. Each request is handled in its
+own thread, so ``describe`` may run in several threads at once (guard it with a lock if it must not).
 
 Requests carry images as ``image_url`` content parts holding base64 PNG/JPEG data URLs (what
 :mod:`rewards.alignment` sends); remote ``http(s)`` image URLs are refused (the server never fetches).

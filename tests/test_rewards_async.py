@@ -69,7 +69,7 @@ def test_submitted_images_are_snapshots():
 
     def reward(images, prompts):
         gate.wait(5)
-        return images.float().mean(dim=(1, 2, 3)), {}
+        return torch.as_tensor(images).float().mean(dim=(1, 2, 3)), {}
 
     with AsyncRewardEvaluator(reward) as ev:
         images, prompts = batch(1)
@@ -77,6 +77,12 @@ def test_submitted_images_are_snapshots():
         images.fill_(200)  # the sampler reuses its buffer
         gate.set()
         torch.testing.assert_close(h.result(5)[0], torch.tensor([10.0, 11.0, 12.0]))
+        gate.clear()
+        arr = batch(2)[0].numpy()
+        h = ev.submit(arr, batch(2)[1])
+        arr[:] = 0
+        gate.set()
+        torch.testing.assert_close(h.result(5)[0], torch.tensor([20.0, 21.0, 22.0]))
 
 
 def test_failures_keep_the_batch_and_do_not_affect_others():
