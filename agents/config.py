@@ -9,6 +9,10 @@ from typing import Any
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
 
 
+def _largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run. Field docstrings are the comments above each field."""
@@ -87,6 +91,8 @@ class TrainConfig:
     run_dir: str | None = None
     # Show progress bars.
     progress: bool = True
+    # Stop after the epoch during which this many seconds of training have passed (0: no limit).
+    time_limit_s: float = 0.0
 
     def validate(self) -> TrainConfig:
         """Refuse settings that make no sense, with a message that says how to fix them."""
@@ -106,10 +112,15 @@ class TrainConfig:
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="
                 f"{self.sample_batch_size}: make samples_per_epoch a multiple of it"
             )
-        if self.samples_per_epoch % max(1, self.train_batch_size):
+        if self.algo.startswith("rwr") and self.train_batch_size > self.samples_per_epoch:
+            errors.append(
+                f"train_batch_size={self.train_batch_size} exceeds samples_per_epoch={self.samples_per_epoch}: "
+                "RWR draws its batches from the epoch's samples"
+            )
+        elif not self.algo.startswith("rwr") and self.samples_per_epoch % max(1, self.train_batch_size):
             errors.append(
                 f"train_batch_size={self.train_batch_size} does not divide samples_per_epoch="
-                f"{self.samples_per_epoch}: choose a divisor, e.g. {self.samples_per_epoch // 4 or 1}"
+                f"{self.samples_per_epoch}: choose a divisor, e.g. {_largest_divisor(self.samples_per_epoch, self.train_batch_size)}"
             )
         if not 0 < self.timestep_fraction <= 1:
             errors.append(f"timestep_fraction={self.timestep_fraction}: expected 0 < fraction <= 1")

@@ -59,6 +59,15 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     return env.unwrapped
 
 
+def _unserializable(obj: Any) -> str:
+    return f"<not serializable: {obj!r}>"
+
+
+def config_json(cfg: TrainConfig) -> str:
+    """The config as JSON; objects such as a callable reward are recorded by their repr."""
+    return json.dumps(cfg.to_dict(), indent=2, default=_unserializable)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -116,7 +125,7 @@ class Trainer:
         if resume:
             self._load_checkpoint()
         else:
-            _atomic_write_text(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=2))
+            _atomic_write_text(self.run_dir / "config.json", config_json(cfg))
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
                 metrics.unlink()
@@ -142,8 +151,11 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.num_epochs, initial=self.epoch, desc=f"{cfg.algo} {cfg.env_id}", unit="epoch")
+        started = time.perf_counter()
         while self.epoch < cfg.num_epochs:
             if cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget:
+                break
+            if cfg.time_limit_s and time.perf_counter() - started > cfg.time_limit_s:
                 break
             metrics = self.train_epoch()
             if progress is not None:
@@ -188,7 +200,10 @@ class Trainer:
         self.log(metrics, rollout)
         if cfg.grid_every and self.epoch % cfg.grid_every == 0:
             self.write_grid(self.run_dir / f"grid_epoch_{self.epoch:04d}.png")
-        if self.epoch % cfg.save_every == 0 or self.epoch == cfg.num_epochs:
+        last = self.epoch == cfg.num_epochs or (
+            cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget
+        )
+        if self.epoch % cfg.save_every == 0 or last:
             self.save_checkpoint()
         return metrics
 
@@ -277,7 +292,7 @@ class Trainer:
             "epoch": self.epoch, "reward_queries": self.reward_queries, "optimizer": opt_meta,
             "tracker": self.tracker.state_dict(), "config": self.cfg.to_dict(), "format": 1,
         }  # fmt: skip
-        (tmp / "state.json").write_text(json.dumps(state))
+        (tmp / "state.json").write_text(json.dumps(state, default=_unserializable))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

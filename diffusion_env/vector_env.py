@@ -221,17 +221,19 @@ class DenoisingEnv(VectorEnv):
 
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str], pooled: bool = False) -> torch.Tensor:
-        """Text-encoder hidden states ``[B, L, D]`` (or pooled ``[B, D]``), cached per prompt."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
-        if missing:
-            tok = self.components.tokenizer
-            ids = tok(
-                list(missing), padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(self.device)  # fmt: skip
-            out = self.components.text_encoder(ids)
-            for i, p in enumerate(missing):
-                self._embed_cache[p] = (out.last_hidden_state[i], out.pooler_output[i])
+        """Text-encoder hidden states ``[B, L, D]`` (or pooled ``[B, D]``), cached per prompt.
+
+        Each new prompt is encoded on its own, once: an embedding then never depends on which other
+        prompts happened to be encoded with it (batched kernels round differently with batch size),
+        so runs and resumed runs see bit-identical conditioning.
+        """
+        tok = self.components.tokenizer
+        for p in dict.fromkeys(prompts):
+            if p not in self._embed_cache:
+                ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+                out = self.components.text_encoder(ids)
+                self._embed_cache[p] = (out.last_hidden_state[0], out.pooler_output[0])
         return torch.stack([self._embed_cache[p][1 if pooled else 0] for p in prompts])
 
     @torch.no_grad()

@@ -1,0 +1,43 @@
+"""Evaluating a policy: mean reward at fixed prompts and seeds, on training and held-out prompts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.config import TrainConfig
+from agents.core import collect_rollout, concat_rollouts
+from agents.policy import GaussianUNetPolicy
+from agents.trainer import derive_seed, make_env
+
+# Held-out prompt sets of the named training sets (DDPO §6.3: generalisation to unseen prompts).
+HELDOUT_SETS = {"tiny_train": "tiny_heldout"}
+
+
+@torch.no_grad()
+def evaluate_policy(
+    cfg: TrainConfig, unet: torch.nn.Module, prompts: str | Sequence[str], num_samples: int = 64, seed: int = 10_000,
+    batch_size: int | None = None,
+) -> dict[str, Any]:
+    """Rewards of ``num_samples`` samples of ``unet`` on ``prompts`` at fixed seeds (same for every policy)."""
+    batch = min(batch_size or cfg.sample_batch_size, num_samples)
+    env = make_env(cfg, num_envs=batch, prompts=prompts)
+    policy = GaussianUNetPolicy(unet, env, reduction=cfg.log_prob_reduction)
+    parts = []
+    for b in range(int(np.ceil(num_samples / batch))):
+        gen = torch.Generator(device=policy.device).manual_seed(derive_seed(seed, b, 1))
+        parts.append(collect_rollout(env, policy, derive_seed(seed, b, 0) % 2**31, gen))
+    ro = concat_rollouts(parts)
+    r = ro.rewards[:num_samples]
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "num_samples": int(len(r)),
+            "rewards": r.tolist(), "prompts": list(ro.prompts[:num_samples]), "images": ro.images[:num_samples]}  # fmt: skip
+
+
+def heldout_prompt_set(cfg: TrainConfig) -> str | None:
+    import gymnasium as gym
+
+    prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
+    return HELDOUT_SETS.get(prompts) if isinstance(prompts, str) else None

@@ -1,0 +1,221 @@
+"""Agents: PPO ratio at the first minibatch, REINFORCE gradient, RWR weights, resume, NaN guards, config checks."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_env
+
+from agents import ddpo_is, ddpo_sf
+from agents.config import TrainConfig, preset_config
+from agents.core import PerPromptStatTracker, collect_rollout, flat_pairs
+from agents.policy import GaussianUNetPolicy
+from agents.rwr import per_prompt_softmax
+from agents.rwr_sparse import sparse_weights
+from agents.trainer import Trainer
+
+
+def _cfg(tiny_sd, tmp_path, **kw):
+    base = dict(env_id="Denoise-SD14-Incompressibility-v0", algo="ddpo-is", num_epochs=2, samples_per_epoch=8,
+                sample_batch_size=4, train_batch_size=4, micro_batch_size=16, num_steps=3, learning_rate=1e-3,
+                env_kwargs=dict(model=str(tiny_sd), height=16, width=16, prompts=["a cat", "a dog"]),
+                run_dir=str(tmp_path / "run"), progress=False, per_prompt_min_count=2, per_prompt_buffer_size=8)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_ppo_ratio_is_one_before_any_update(tiny_sd):
+    env = make_env(tiny_sd, num_envs=4, num_steps=4)
+    policy = GaussianUNetPolicy.from_env(env)
+    ro = collect_rollout(env, policy, seed=0, generator=torch.Generator().manual_seed(0))
+    # Flattened pairs from different samples and timesteps, in a batch of a different size than collection.
+    sample_idx = torch.tensor([3, 0, 2, 1, 1, 0])
+    step_idx = torch.tensor([0, 3, 1, 2, 0, 1])
+    batch = flat_pairs(ro, sample_idx, step_idx)
+    with torch.no_grad():
+        log_ratio = policy.log_prob(batch, batch["action"]) - batch["old_log_prob"]
+    assert log_ratio.abs().max() < 1e-6
+    cfg = TrainConfig(samples_per_epoch=4, sample_batch_size=4, train_batch_size=4, micro_batch_size=4)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
+    metrics = ddpo_is.update(policy, opt, ro, torch.randn(4), cfg, torch.Generator().manual_seed(1))
+    assert metrics["losses/ratio_dev_first"] < 1e-6
+    assert metrics["losses/optimizer_steps"] == 1
+
+
+class _ConstantEpsUNet(torch.nn.Module):
+    """ε_θ(x, t, c) = θ: the policy mean is affine in θ, so the REINFORCE gradient has a closed form."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+        self.dtype = torch.float32
+
+    def forward(self, x, t, encoder_hidden_states=None):
+        return types.SimpleNamespace(sample=self.theta.expand_as(x))
+
+
+class _CaptureOptimizer:
+    def __init__(self, params):
+        self.params, self.grads = list(params), None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.params]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_ddpo_sf_gradient_equals_analytic_reinforce(tiny_sd, reduction):
+    env = make_env(tiny_sd, num_envs=5, num_steps=1)  # one-step MDP: x_T → x_0
+    unet = _ConstantEpsUNet(env.latent_shape)
+    policy = GaussianUNetPolicy(unet, env, reduction=reduction)
+    ro = collect_rollout(env, policy, seed=1, generator=torch.Generator().manual_seed(2))
+    adv = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.5])
+    cfg = TrainConfig(samples_per_epoch=5, sample_batch_size=5, train_batch_size=5, micro_batch_size=2, max_grad_norm=1e12)
+    opt = _CaptureOptimizer(policy.trainable_parameters())
+    ddpo_sf.update(policy, opt, ro, adv, cfg, torch.Generator().manual_seed(0))
+    # Closed form: μ = √ᾱ' (x - √(1-ᾱ) θ)/√ᾱ + √(1-ᾱ'-σ²) θ, so ∂μ/∂θ = c (a scalar) and
+    # ∇_θ log N(a; μ, σ²) = c (a - μ) / σ² per dimension.
+    t = int(env.timesteps[0])
+    a_t = float(env.alphas_cumprod[t])
+    a_prev = float(env.final_alpha_cumprod)  # the only step goes to the end
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    c = -np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t) + np.sqrt(1 - a_prev - var)
+    theta = unet.theta.detach().double()
+    x, a = ro.latents[:, 0].double(), ro.latents[:, 1].double()
+    mu = np.sqrt(a_prev) * (x - np.sqrt(1 - a_t) * theta) / np.sqrt(a_t) + np.sqrt(1 - a_prev - var) * theta
+    score = c * (a - mu) / var  # [B, C, H, W]
+    if reduction == "mean":
+        score = score / theta.numel()
+    expected = -(adv.double().reshape(-1, 1, 1, 1) * score).mean(dim=0)
+    # fp32 gradients vs a float64 closed form: agree to 1e-4 of the gradient's scale.
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(opt.grads[0].double(), expected, rtol=1e-4, atol=1e-4 * scale)
+    assert float((opt.grads[0].double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_rwr_weights_sum_to_one_per_prompt():
+    prompts = ["a", "b", "a", "c", "b", "a"]
+    w = per_prompt_softmax(prompts, 0.2 * torch.tensor([1.0, 2.0, -1.0, 0.5, 0.0, 3.0]))
+    for p in set(prompts):
+        idx = [i for i, q in enumerate(prompts) if q == p]
+        assert abs(float(w[idx].sum()) - 1.0) < 1e-6
+    assert w[5] > w[0] > w[2]  # higher reward, higher weight within a prompt
+
+
+def test_rwr_sparse_keeps_top_decile_per_prompt():
+    tracker = PerPromptStatTracker(buffer_size=100, min_count=10)
+    g = torch.Generator().manual_seed(0)
+    prompts = ["cat"] * 50 + ["dog"] * 50
+    rewards = torch.cat([torch.randn(50, generator=g), 10 + torch.randn(50, generator=g)])
+    tracker.update(prompts, rewards)
+    w = sparse_weights(prompts, rewards, tracker, 0.9)
+    for lo, group in ((0, rewards[:50]), (50, rewards[50:])):
+        kept = w[lo : lo + 50] > 0
+        assert int(kept.sum()) == 5  # top 10% of 50
+        assert float(group[kept].min()) >= float(group[~kept].max())
+        assert abs(float(w[lo : lo + 50].sum()) - 1.0) < 1e-6
+
+
+def test_per_prompt_tracker_falls_back_to_batch_stats():
+    tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
+    adv = tracker.update(["a", "b"], torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0]), atol=1e-5, rtol=0)
+    tracker.update(["a", "a"], torch.tensor([2.0, 3.0]))  # "a" now has 3 rewards: 1, 2, 3
+    adv = tracker.update(["a", "b"], torch.tensor([2.0, 0.0]))  # "a": buffer 1,2,3,2
+    buf = np.array([1.0, 2.0, 3.0, 2.0])
+    assert abs(float(adv[0]) - (2.0 - buf.mean()) / (buf.std() + 1e-6)) < 1e-5
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "charts/samples_per_s"} for r in rows]
+
+
+def test_resume_equals_uninterrupted(tiny_sd, tmp_path):
+    full = Trainer(_cfg(tiny_sd, tmp_path / "a", num_epochs=3))
+    full_hist = full.train()
+    part = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=2))
+    part.train()
+    resumed = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=3), resume=True)
+    assert resumed.epoch == 2
+    resumed.train()
+    rows = [json.loads(line) for line in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert _strip(rows) == _strip(full_hist)
+    for (n, p), (_, q) in zip(full.policy.unet.named_parameters(), resumed.policy.unet.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_training_changes_weights_and_writes_run_dir(tiny_sd, tmp_path):
+    tr = Trainer(_cfg(tiny_sd, tmp_path, num_epochs=1, algo="rwr"))
+    before = {n: p.clone() for n, p in tr.policy.unet.named_parameters()}
+    tr.train()
+    assert any(not torch.equal(before[n], p) for n, p in tr.policy.unet.named_parameters())
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "grid_before.png", "grid_after.png", "reward_curve.png"):
+        assert (run / name).exists(), name
+    latest = (run / "checkpoints" / "latest").read_text()
+    assert (run / "checkpoints" / latest / "weights.safetensors").exists()
+
+
+def test_nan_reward_never_reaches_weights(tiny_sd, tmp_path):
+    def nan_reward(images, prompts):
+        r = torch.ones(len(prompts))
+        r[0] = float("nan")
+        return r, {}
+
+    cfg = _cfg(tiny_sd, tmp_path, num_epochs=1)
+    cfg.env_kwargs["reward"] = nan_reward
+    tr = Trainer(cfg)
+    before = {n: p.clone() for n, p in tr.policy.unet.named_parameters()}
+    hist = tr.train()
+    assert hist[0]["charts/skipped_update"] == 1 and hist[0]["charts/nonfinite_rewards"] == 2
+    assert all(torch.equal(before[n], p) for n, p in tr.policy.unet.named_parameters())
+
+
+def test_nan_loss_step_is_skipped(tiny_sd):
+    env = make_env(tiny_sd, num_envs=4)
+    policy = GaussianUNetPolicy.from_env(env)
+    ro = collect_rollout(env, policy, seed=0, generator=torch.Generator().manual_seed(0))
+    before = {n: p.clone() for n, p in policy.unet.named_parameters()}
+    cfg = TrainConfig(samples_per_epoch=4, sample_batch_size=4, train_batch_size=4)
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    metrics = ddpo_is.update(policy, opt, ro, torch.tensor([1.0, float("nan"), 0.0, 1.0]), cfg, torch.Generator())
+    assert metrics["losses/skipped_steps"] == 1 and metrics["losses/optimizer_steps"] == 0
+    assert all(torch.equal(before[n], p) for n, p in policy.unet.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(samples_per_epoch=64, train_batch_size=24), "does not divide"),
+        (dict(samples_per_epoch=60, sample_batch_size=16), "multiple"),
+        (dict(timestep_fraction=0.0), "timestep_fraction"),
+        (dict(eta=0.0), "eta"),
+        (dict(algo="ppo2"), "algo"),
+        (dict(algo="ddpo-sf", num_inner_epochs=2), "on-policy"),
+        (dict(lora_rank=0), "lora_rank"),
+    ],
+)
+def test_config_refuses_nonsense(changes, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**changes).validate()
+
+
+def test_presets_are_valid():
+    for preset in ("tiny", "sd14"):
+        for algo in ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"):
+            preset_config(preset, algo).validate()
+    sd = preset_config("sd14", "ddpo-is")
+    assert sd.samples_per_epoch == 256 and sd.train_batch_size == 64 and sd.lora_rank == 4
+    assert sd.learning_rate == 1e-5 and sd.adam_weight_decay == 1e-4
+
+
+def test_lora_trains_only_adapters(tiny_sd):
+    env = make_env(tiny_sd, num_envs=2)
+    policy = GaussianUNetPolicy.from_env(env, lora_rank=2)
+    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    assert names and all("lora" in n for n in names)
+    assert len(names) < len(list(policy.unet.parameters()))
