@@ -224,13 +224,7 @@ class AestheticReward:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         if resize_mode not in ("bicubic", "bilinear"):
             raise ValueError(f"resize_mode={resize_mode!r}; expected 'bicubic' or 'bilinear'")
-        if isinstance(clip_model, (str, os.PathLike)):
-            clip_model = load_clip(clip_model, cache_dir=cache_dir)
-        if not (hasattr(clip_model, "vision_model") and hasattr(clip_model, "visual_projection")):
-            raise ValueError(
-                f"clip_model is {type(clip_model).__name__}; expected a transformers CLIPModel, "
-                "a local directory or a Hugging Face repo id"
-            )
+        # the head first: it is small, so a missing head is reported before loading CLIP
         if head is None or isinstance(head, (str, os.PathLike)):
             head = load_aesthetic_head(head, cache_dir=cache_dir)
         elif isinstance(head, Mapping):
@@ -238,6 +232,13 @@ class AestheticReward:
         elif not isinstance(head, AestheticHead):
             raise ValueError(
                 f"head is {type(head).__name__}; expected None, a path, a state dict or an AestheticHead"
+            )
+        if isinstance(clip_model, (str, os.PathLike)):
+            clip_model = load_clip(clip_model, cache_dir=cache_dir)
+        if not (hasattr(clip_model, "vision_model") and hasattr(clip_model, "visual_projection")):
+            raise ValueError(
+                f"clip_model is {type(clip_model).__name__}; expected a transformers CLIPModel, "
+                "a local directory or a Hugging Face repo id"
             )
         proj = int(clip_model.config.projection_dim)
         if head.in_dim != proj:
