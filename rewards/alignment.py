@@ -403,8 +403,9 @@ class TinyPromptAlignment(PromptAlignmentReward):
     """Prompt alignment for the tiny world, fully offline.
 
     ``describe``: the captioner (default: ``rewards.tinyworld.captioner.describe``). When ``base_url``
-    is None a local :mod:`rewards.server` is started on 127.0.0.1 for it (stopped by :meth:`close`);
-    the scorer is the offline MiniLM BERTScore.
+    is None a local :mod:`rewards.server` is started on 127.0.0.1 for it (stopped by :meth:`close`),
+    gathering concurrent requests for ``batch_window_s`` seconds into one batched call (0: one call per
+    request); the scorer is the offline MiniLM BERTScore.
     """
 
     name = "tiny_prompt_alignment"
@@ -415,6 +416,7 @@ class TinyPromptAlignment(PromptAlignmentReward):
         base_url: str | None = None,
         *,
         scorer: Any = None,
+        batch_window_s: float = 0.005,
         **client_kwargs: Any,
     ):
         self._stop: Callable[[], None] | None = None
@@ -423,7 +425,7 @@ class TinyPromptAlignment(PromptAlignmentReward):
 
             if describe is None:
                 from rewards.tinyworld.captioner import describe
-            base_url, self._stop = serve_in_thread(describe)
+            base_url, self._stop = serve_in_thread(describe, batch_window_s=batch_window_s)
         elif describe is not None:
             raise ValueError("give either describe (a local server is started for it) or base_url, not both")
         client_kwargs.setdefault("model", "local-describe")

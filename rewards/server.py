@@ -11,6 +11,10 @@ Requests carry images as ``image_url`` content parts holding base64 PNG/JPEG dat
 Errors are JSON ``{"error": {"message": ..., "type": ...}}`` with status 400 (bad request), 404 (unknown
 path) or 500 (``describe`` raised or returned the wrong number of strings).
 
+With ``batch_window_s > 0`` concurrent requests are gathered by a :class:`MicroBatcher` (up to
+``max_batch`` images arriving within the window) into one ``describe`` call per image size, which
+suits batched describers (a GPU VLM, the tiny world's vectorised captioner).
+
 ``serve_in_thread(describe)`` starts it on 127.0.0.1 and a free port and returns ``(base_url, stop)``;
 ``intercept`` lets tests inject faults (return ``(status, body_bytes)`` to answer with that instead).
 From the command line: ``python -m rewards.server --describe rewards.tinyworld.captioner:describe``.
@@ -25,9 +29,11 @@ import importlib
 import io
 import itertools
 import json
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -126,6 +132,94 @@ def _describe_images(describe: DescribeFn, images: list[np.ndarray]) -> list[str
     return out
 
 
+class MicroBatcher:
+    """Wrap ``describe`` so that concurrent calls are answered by one batched call.
+
+    Calling the wrapper with ``uint8 [b, 3, H, W]`` blocks until its ``b`` descriptions are ready. A
+    worker thread waits for the first call, gathers more for up to ``window_s`` seconds (or until
+    ``max_batch`` images), concatenates those of the same size, calls ``describe`` once per size and
+    splits the answers back. If ``describe`` raises, every call of that group gets the exception.
+    """
+
+    def __init__(self, describe: DescribeFn, max_batch: int = 64, window_s: float = 0.005):
+        if not callable(describe):
+            raise ValueError(f"describe is {type(describe).__name__}; expected a callable images -> list")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r}; expected a positive int")
+        if not isinstance(window_s, (int, float)) or window_s < 0:
+            raise ValueError(f"window_s={window_s!r}; expected a non-negative number of seconds")
+        self.describe = describe
+        self.max_batch = max_batch
+        self.window_s = float(window_s)
+        self.calls = 0  # describe calls made (for tests and monitoring)
+        self._queue: queue.Queue = queue.Queue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="describe-batcher")
+        self._thread.start()
+
+    def __call__(self, images: torch.Tensor) -> list[str]:
+        if self._stopped.is_set():
+            raise RuntimeError("MicroBatcher is stopped")
+        fut: Future = Future()
+        self._queue.put((images, fut))
+        return fut.result()
+
+    def _gather(self) -> list[tuple[torch.Tensor, Future]]:
+        try:
+            items = [self._queue.get(timeout=0.1)]
+        except queue.Empty:
+            return []
+        count = items[0][0].shape[0]
+        deadline = time.monotonic() + self.window_s
+        while count < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                item = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            items.append(item)
+            count += item[0].shape[0]
+        return items
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            items = self._gather()
+            groups: dict[tuple, list[tuple[torch.Tensor, Future]]] = {}
+            for images, fut in items:
+                groups.setdefault(tuple(images.shape[1:]), []).append((images, fut))
+            for group in groups.values():
+                self._run(group)
+
+    def _run(self, group: list[tuple[torch.Tensor, Future]]) -> None:
+        batch = torch.cat([images for images, _ in group])
+        try:
+            self.calls += 1
+            texts = self.describe(batch)
+            if isinstance(texts, str) or len(texts) != batch.shape[0]:
+                raise RuntimeError(
+                    f"describe returned {texts!r}; expected a list of {batch.shape[0]} strings"
+                )
+            texts = list(texts)
+        except Exception as e:
+            for _, fut in group:
+                fut.set_exception(e)
+            return
+        start = 0
+        for images, fut in group:
+            fut.set_result(texts[start : start + images.shape[0]])
+            start += images.shape[0]
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+        while True:  # fail whatever arrived too late
+            try:
+                _, fut = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            fut.set_exception(RuntimeError("MicroBatcher is stopped"))
+
+
 def make_handler(describe: DescribeFn, intercept: InterceptFn | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -217,15 +311,19 @@ def serve_in_thread(
     port: int = 0,
     *,
     intercept: InterceptFn | None = None,
+    batch_window_s: float = 0.0,
+    max_batch: int = 64,
 ) -> tuple[str, Callable[[], None]]:
     """Start the server in a daemon thread; return ``(base_url, stop)``.
 
     ``base_url`` is ``http://host:port/v1`` (give it to :class:`rewards.alignment.ChatCompletionsClient`);
     ``stop()`` closes the listening socket (idempotent). ``port=0`` picks a free port.
+    ``batch_window_s > 0`` batches concurrent requests (see :class:`MicroBatcher`).
     """
     if not callable(describe):
         raise ValueError(f"describe is {type(describe).__name__}; expected a callable images -> list[str]")
-    server = _Server((host, port), make_handler(describe, intercept))
+    batcher = MicroBatcher(describe, max_batch, batch_window_s) if batch_window_s > 0 else None
+    server = _Server((host, port), make_handler(batcher or describe, intercept))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                               name=f"chat-server-{server.server_address[1]}")  # fmt: skip
     thread.start()
@@ -238,6 +336,8 @@ def serve_in_thread(
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+        if batcher is not None:
+            batcher.stop()
 
     bound_host, bound_port = server.server_address[:2]
     return f"http://{bound_host}:{bound_port}/v1", stop
@@ -258,8 +358,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="'module:function' taking uint8 [B,3,H,W] and returning B strings")  # fmt: skip
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--batch-window", type=float, default=0.0, help="seconds to gather concurrent requests"
+    )
+    parser.add_argument("--max-batch", type=int, default=64)
     args = parser.parse_args(argv)
-    server = _Server((args.host, args.port), make_handler(_load_describe(args.describe)))
+    describe = _load_describe(args.describe)
+    if args.batch_window > 0:
+        describe = MicroBatcher(describe, args.max_batch, args.batch_window)
+    server = _Server((args.host, args.port), make_handler(describe))
     print(f"serving {args.describe} at http://{args.host}:{server.server_address[1]}/v1", flush=True)
     try:
         server.serve_forever()

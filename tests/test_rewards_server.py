@@ -293,3 +293,56 @@ def test_burst_of_concurrent_requests_is_not_stalled(server):
         assert c.describe(images) == describe_colours(images)
     elapsed = time.perf_counter() - t0
     assert elapsed < 2.0, f"3 bursts of 24 requests took {elapsed:.2f} s"
+
+
+def test_micro_batching_gathers_concurrent_requests(server):
+    sizes = []
+    lock = threading.Lock()
+
+    def recording(images):
+        with lock:
+            sizes.append(tuple(images.shape))
+        return describe_colours(images)
+
+    url = server(recording, batch_window_s=0.1, max_batch=64)
+    names = ["red", "green", "blue", "blue", "red", "green", "green", "red"]
+    big = solid(["blue", "red"], size=12)
+    c = client(url, max_concurrency=10)
+    results = {}
+    t = threading.Thread(target=lambda: results.update(big=c.describe(big)))
+    t.start()
+    results["small"] = c.describe(solid(names))
+    t.join(5)
+    assert results["small"] == [f"a {n} square" for n in names]
+    assert results["big"] == ["a blue square", "a red square"]
+    assert sum(s[0] for s in sizes) == 10
+    assert len(sizes) < 10  # several requests answered by one call ...
+    assert all(s[1:] in ((3, 8, 8), (3, 12, 12)) for s in sizes)  # ... of one image size each
+
+
+def test_micro_batching_failure_reaches_every_request(server):
+    calls = []
+
+    def broken(images):
+        calls.append(images.shape[0])
+        raise RuntimeError("batched model crashed")
+
+    url = server(broken, batch_window_s=0.05)
+    with pytest.raises(RewardServerError, match="batched model crashed") as err:
+        client(url, max_concurrency=4, max_retries=0).describe(solid(["red"] * 4))
+    assert err.value.failed == [0, 1, 2, 3]
+    assert sum(calls) == 4 and len(calls) < 4
+
+
+def test_micro_batcher_bad_arguments():
+    from rewards.server import MicroBatcher
+
+    with pytest.raises(ValueError, match="max_batch=0"):
+        MicroBatcher(describe_colours, max_batch=0)
+    with pytest.raises(ValueError, match="window_s=-1"):
+        MicroBatcher(describe_colours, window_s=-1)
+    b = MicroBatcher(describe_colours, window_s=0.0)
+    assert b(solid(["green"])) == ["a green square"]
+    b.stop()
+    with pytest.raises(RuntimeError, match="stopped"):
+        b(solid(["green"]))
