@@ -13,8 +13,9 @@
 Each :class:`RewardHandle` is bound to its own batch (``handle.images``, ``handle.prompts``, an
 optional ``tag``), so results can never be matched to the wrong samples, whatever the completion
 order. Tensor and numpy images are copied at submission (``copy_images=True``; PIL lists become a
-uint8 tensor) so the sampler may reuse its buffers. A failing reward raises from ``handle.result()``; the handle still holds the batch (and a
-:class:`rewards.alignment.RewardServerError` carries it too), so the trainer can resubmit or checkpoint.
+uint8 tensor) so the sampler may reuse its buffers. A failing reward raises from ``handle.result()``;
+the handle still holds the batch (and a :class:`rewards.alignment.RewardServerError` carries it too),
+so the trainer can resubmit or checkpoint.
 ``max_pending`` bounds the number of batches in flight: ``submit`` blocks when it is reached.
 """
 
