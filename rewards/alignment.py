@@ -253,6 +253,9 @@ class ChatCompletionsClient:
             except (_Retryable, _Fatal) as e:
                 out.append(None)
                 errors[i] = str(e)
+            except Exception as e:  # anything unexpected still must not lose the batch
+                out.append(None)
+                errors[i] = f"{type(e).__name__}: {e}"
         if errors:
             first = errors[min(errors)]
             raise RewardServerError(

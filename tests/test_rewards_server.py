@@ -346,3 +346,18 @@ def test_micro_batcher_bad_arguments():
     b.stop()
     with pytest.raises(RuntimeError, match="stopped"):
         b(solid(["green"]))
+
+
+def test_unexpected_client_side_failure_still_carries_the_batch(server, monkeypatch):
+    import rewards.alignment as alignment
+
+    url = server()
+
+    def broken_encoder(image, level):
+        raise MemoryError("cannot encode")
+
+    monkeypatch.setattr(alignment, "image_to_data_url", broken_encoder)
+    images = solid(["red", "green"])
+    with pytest.raises(RewardServerError, match="MemoryError: cannot encode") as err:
+        client(url).describe(images, ["a", "b"])
+    assert err.value.images is images and err.value.failed == [0, 1]
