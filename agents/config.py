@@ -79,6 +79,8 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Torch device.
     device: str = "cpu"
+    # Compute each batch's rewards in a worker thread while the next batch is sampled.
+    async_rewards: bool = False
     # Save a checkpoint every this many epochs (and at the end).
     save_every: int = 1
     # Write evaluation sample grids every this many epochs (0: only before and after).
@@ -166,7 +168,7 @@ class TrainConfig:
 
 # DDPO appendix A.6 (Stable Diffusion v1.4): AdamW lr 1e-5, weight decay 1e-4; LoRA rank 4.
 _SD14_COMMON = dict(lora_rank=4, learning_rate=1e-5, adam_weight_decay=1e-4, sample_batch_size=16,
-                    micro_batch_size=64, device="cuda")  # fmt: skip
+                    micro_batch_size=64, device="cuda", async_rewards=True)  # fmt: skip
 # Tiny presets: sized so one epoch of 64 samples takes about 15 s on a 2-core CPU.
 _TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=320,
                     per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip

@@ -26,8 +26,9 @@ class Rollout(NamedTuple):
     latents: torch.Tensor  # [B, S + 1, C, H, W], fp32, x_T … x_0
     timesteps: torch.Tensor  # [B, S] int64, t of each state
     log_probs: torch.Tensor  # [B, S] fp32, log π_old(a_j | s_j) at collection time
-    rewards: torch.Tensor  # [B] fp32
+    rewards: torch.Tensor  # [B] fp32 (NaN while a deferred reward is pending)
     images: torch.Tensor  # [B, 3, H, W] float in [0, 1] (CPU)
+    reward_handle: Any = None  # a rewards.RewardHandle when the env defers its reward (async_reward)
 
     @property
     def num_samples(self) -> int:
@@ -39,6 +40,7 @@ class Rollout(NamedTuple):
 
 
 def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
+    parts = [resolve_rewards(r) for r in parts]
     return Rollout(
         prompts=tuple(p for r in parts for p in r.prompts),
         latents=torch.cat([r.latents for r in parts]),
@@ -78,7 +80,16 @@ def collect_rollout(
         log_probs=torch.stack(log_probs, dim=1).float(),
         rewards=rewards.float(),
         images=info["images"].cpu(),
+        reward_handle=info.get("reward_handle"),
     )
+
+
+def resolve_rewards(rollout: Rollout) -> Rollout:
+    """Wait for a deferred reward (``async_reward`` envs) and put it into the rollout."""
+    if rollout.reward_handle is None:
+        return rollout
+    rewards, _ = rollout.reward_handle.result()
+    return rollout._replace(rewards=rewards.to(rollout.rewards.device).float(), reward_handle=None)
 
 
 class PerPromptStatTracker:

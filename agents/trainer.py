@@ -47,6 +47,7 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     """The run's vector environment (``gym.make_vec`` with the config's overrides)."""
     kwargs = dict(cfg.env_kwargs)
     kwargs.setdefault("device", cfg.device)
+    kwargs.setdefault("async_reward", cfg.async_rewards)
     for name in ("num_steps", "eta", "guidance_scale"):
         if getattr(cfg, name) is not None:
             kwargs[name] = getattr(cfg, name)

@@ -17,7 +17,7 @@ from gymnasium.vector.utils import batch_space
 from diffusion_env.components import FrozenComponents, load_components
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
 from diffusion_env.step_math import check_std, previous_timestep, schedule_std
-from rewards import check_reward_output, make_reward
+from rewards import AsyncRewardEvaluator, check_reward_output, make_reward
 
 PROMPT_CHARSET = string.printable
 MAX_PROMPT_LENGTH = 10_000
@@ -76,6 +76,11 @@ class DenoisingEnv(VectorEnv):
     The terminal ``info`` carries ``images`` (``[num_envs, 3, H, W]`` float in [0, 1]), ``prompts``,
     ``final_latents`` and ``reward_info`` (the reward's metadata), each with a ``_key`` mask.
 
+    With ``async_reward=True`` the terminal reward is *deferred*: ``step`` returns NaN rewards at once
+    and ``info["reward_handle"]`` (a :class:`rewards.RewardHandle`) whose ``result()`` gives
+    ``(rewards, reward_info)`` once a worker thread has computed them, so an agent can sample its
+    next batch meanwhile (reward evaluation is the bottleneck of DDPO in practice, paper §6.1).
+
     ## Arguments
     - ``num_envs``: number of lockstep trajectories.
     - ``model``: a local folder or Hugging Face repo id of a Stable-Diffusion-layout model (loaded from the
@@ -88,6 +93,7 @@ class DenoisingEnv(VectorEnv):
     - ``height``, ``width``: image size in pixels (default: the VAE's sample size).
     - ``device``, ``dtype``: where and in which precision the frozen parts run.
     - ``decode_batch_size``: images decoded per VAE call at the terminal step (bounds memory).
+    - ``async_reward``, ``reward_workers``: deferred terminal rewards computed by a thread pool.
 
     ## Version history
     - v0: initial version.
@@ -115,6 +121,8 @@ class DenoisingEnv(VectorEnv):
         action_bound: float = 100.0,
         validate_actions: bool = True,
         decode_batch_size: int = 64,
+        async_reward: bool = False,
+        reward_workers: int = 2,
         render_mode: str | None = None,
     ):
         # 1. Validate settings before loading anything heavy.
@@ -144,6 +152,8 @@ class DenoisingEnv(VectorEnv):
         self.render_mode = render_mode
         self.prompt_sampler = make_prompt_sampler(prompts)
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
+        self.async_reward = bool(async_reward)
+        self._evaluator = AsyncRewardEvaluator(self.reward_fn, max_workers=reward_workers) if async_reward else None
 
         # 2. Frozen components.
         if components is None:
@@ -320,19 +330,27 @@ class DenoisingEnv(VectorEnv):
         # Terminal step: decode x_0 and score it.
         images = self.decode_latents(self._latents)
         self._last_images = images
-        rewards, reward_info = check_reward_output(
-            self.reward_fn(images, list(self._prompts)), self.num_envs, name=repr(self.reward_fn)
-        )
-        rewards = rewards.to(self.device)
         mask = np.ones(self.num_envs, dtype=bool)
         info = {
             "images": images, "_images": mask,
             "prompts": self._prompts, "_prompts": mask,
             "final_latents": self._latents, "_final_latents": mask,
-            "reward_info": reward_info, "_reward_info": mask,
         }  # fmt: skip
+        if self._evaluator is not None:  # deferred: the reward arrives through the handle
+            info["reward_handle"], info["_reward_handle"] = self._evaluator.submit(images, list(self._prompts)), mask
+            rewards = torch.full((self.num_envs,), float("nan"), device=self.device)
+        else:
+            rewards, reward_info = check_reward_output(
+                self.reward_fn(images, list(self._prompts)), self.num_envs, name=repr(self.reward_fn)
+            )
+            rewards = rewards.to(self.device)
+            info["reward_info"], info["_reward_info"] = reward_info, mask
         self._needs_reset = True
         return self._observation(), rewards, terminations, truncations, info
+
+    def close_extras(self, **kwargs: Any) -> None:
+        if self._evaluator is not None:
+            self._evaluator.close()
 
     def render(self):
         """``rgb_array``: uint8 ``[num_envs, H, W, 3]`` of the current latents decoded (final images at the end)."""

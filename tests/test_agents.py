@@ -219,3 +219,11 @@ def test_lora_trains_only_adapters(tiny_sd):
     names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
     assert len(names) < len(list(policy.unet.parameters()))
+
+
+def test_async_rewards_train_identically(tiny_sd, tmp_path):
+    hist = {}
+    for flag in (False, True):
+        cfg = _cfg(tiny_sd, tmp_path / str(flag), num_epochs=2, async_rewards=flag)
+        hist[flag] = _strip(Trainer(cfg).train())
+    assert hist[False] == hist[True]

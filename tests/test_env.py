@@ -226,3 +226,19 @@ def test_unet_loads_from_env_model(tiny_sd):
     env = make_env(tiny_sd)
     unet = load_unet(env.model_path)
     assert unet.config.in_channels == env.latent_shape[0]
+
+
+def test_async_reward_matches_sync(tiny_sd):
+    results = {}
+    for deferred in (False, True):
+        env = make_env(tiny_sd, num_envs=3, async_reward=deferred)
+        env.reset(seed=4)
+        for _ in range(env.num_steps):
+            obs, reward, term, _, info = env.step(torch.full((3, *env.latent_shape), 0.5) * torch.arange(3).reshape(3, 1, 1, 1))
+        if deferred:
+            assert torch.isnan(reward).all() and "reward_info" not in info
+            reward, reward_info = info["reward_handle"].result(timeout=60)
+            assert info["reward_handle"].prompts == list(info["prompts"])
+        results[deferred] = reward
+        env.close()
+    assert torch.equal(results[False], results[True])
