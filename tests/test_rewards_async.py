@@ -203,16 +203,22 @@ def test_jpeg_size_equals_the_plain_bytesio_encoding():
 
     from PIL import Image
 
+    from rewards.jpeg import FD_MIN_PIXELS
+
+    def bytesio_kb(a, q):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=q)
+        return len(buf.getvalue()) / 1000.0
+
     rng = np.random.default_rng(1)
-    for shape in [(8, 8, 3), (37, 53, 3), (256, 256, 3)]:
+    shapes = [(8, 8, 3), (37, 53, 3), (256, 256, 3), (300, 261, 3)]
+    assert {h * w >= FD_MIN_PIXELS for h, w, _ in shapes} == {False, True}
+    for shape in shapes:  # both encoding paths
         a = rng.integers(0, 256, shape, dtype=np.uint8)
         for q in (10, 95):
-            buf = io.BytesIO()
-            Image.fromarray(a).save(buf, format="JPEG", quality=q)
-            assert _jpeg_kb(a, q) == len(buf.getvalue()) / 1000.0
-    # the per-thread scratch file is truncated between images: a small one after a big one
-    big, small = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.zeros((8, 8, 3), np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(small).save(buf, format="JPEG", quality=95)
-    _jpeg_kb(big, 95)
-    assert _jpeg_kb(small, 95) == len(buf.getvalue()) / 1000.0
+            assert _jpeg_kb(a, q) == bytesio_kb(a, q)
+    # the per-thread scratch file is truncated between images: a small file after a big one
+    big = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    flat = np.zeros((256, 256, 3), np.uint8)
+    assert _jpeg_kb(big, 95) > 10 * _jpeg_kb(flat, 95)
+    assert _jpeg_kb(flat, 95) == bytesio_kb(flat, 95)
