@@ -71,8 +71,9 @@ def _jpeg_kb(array: np.ndarray, quality: int) -> float:
 def jpeg_size_kb(images, quality: int = JPEG_QUALITY) -> torch.Tensor:
     """Size in kB of each image's JPEG encoding, as float32 ``[B]`` on the images' device."""
     x = as_uint8_images(images)
-    arrays = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    sizes = list(_pool().map(lambda a: _jpeg_kb(a, quality), arrays))
+    cpu = x.cpu()
+    # each worker makes its own image channel-last (a torch copy, outside the GIL) and encodes it
+    sizes = list(_pool().map(lambda im: _jpeg_kb(im.permute(1, 2, 0).contiguous().numpy(), quality), cpu))
     return torch.tensor(sizes, dtype=torch.float32, device=x.device)
 
 
