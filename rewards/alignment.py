@@ -224,7 +224,8 @@ class ChatCompletionsClient:
         except ValueError as e:
             raise _Retryable(f"malformed response from {self.url}: {e}") from e
 
-    def _describe_one(self, image_hwc) -> str:
+    def _describe_one(self, image_chw: torch.Tensor) -> str:
+        image_hwc = image_chw.permute(1, 2, 0).contiguous().numpy()  # in the worker: copies run in parallel
         body = self.request_body(image_to_data_url(image_hwc, self.png_compress_level))
         for attempt in range(self.max_retries + 1):
             try:
@@ -243,8 +244,7 @@ class ChatCompletionsClient:
         """
         x = as_uint8_images(images)
         prompts = check_prompts(prompts, x.shape[0]) if prompts is not None else None
-        arrays = x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-        futures = [self._pool.submit(self._describe_one, a) for a in arrays]
+        futures = [self._pool.submit(self._describe_one, im) for im in x.cpu()]
         out: list[str | None] = []
         errors: dict[int, str] = {}
         for i, f in enumerate(futures):
