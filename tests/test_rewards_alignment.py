@@ -192,3 +192,16 @@ def test_prompt_alignment_bad_inputs(scorer):
         reward(solid(["red"]), ["a", "b"])
     with pytest.raises(ValueError, match="expected str"):
         reward(solid(["red"]), [3])
+
+
+def test_registered_prompt_alignment_builds_its_client_from_kwargs(scorer):
+    url, stop = serve_in_thread(describe_colours)
+    try:
+        reward = rewards.make_reward(
+            "prompt_alignment", base_url=url, model="local-describe", api_key="", timeout=5.0, scorer=scorer
+        )
+        assert reward.client.url == url + "/chat/completions" and reward.client.timeout == 5.0
+        r, info = reward(solid(["green"]), ["a green square"])
+    finally:
+        stop()
+    assert info["descriptions"] == ["a green square on a white table"] and r.item() > 0.8

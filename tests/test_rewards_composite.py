@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import rewards
 from rewards import CallableReward, WeightedSum, jpeg_size_kb, make_reward
@@ -120,3 +122,17 @@ def test_weighted_sum_accepts_pil_and_numpy_returning_callables():
     ws = WeightedSum({(lambda im, p: np.array([1.0, 2.0])): 3.0})
     r, _info = ws(pil, ["a", "b"])
     assert r.tolist() == [3.0, 6.0]
+
+
+finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(w1=finite, w2=finite, seed=st.integers(0, 2**16))
+def test_weighted_sum_is_linear_in_its_components(w1, w2, seed):
+    images = _images(2, seed=seed)
+    prompts = ["ab", "c"]
+    r, info = WeightedSum([(mean_pixel, w1), (prompt_length, w2)])(images, prompts)
+    expected = w1 * mean_pixel(images, prompts)[0] + w2 * torch.tensor([2.0, 1.0])
+    torch.testing.assert_close(r, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(info["prompt_length/reward"], torch.tensor([2.0, 1.0]))
