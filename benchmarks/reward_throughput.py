@@ -31,12 +31,12 @@ from PIL import Image
 HEAD = Path(__file__).resolve().parents[2] / "shared/assets/sac+logos+ava1-l14-linearMSE.pth"
 
 
-def rate(fn: Callable[[], object], n_items: int, seconds: float) -> float:
-    """Items per second of ``fn`` (one warm-up call, then repeated for at least ``seconds``)."""
-    fn()
+def rate(fn: Callable[..., object], fn_args: tuple, n_items: int, seconds: float) -> float:
+    """Items per second of ``fn(*fn_args)`` (one warm-up call, then repeated for at least ``seconds``)."""
+    fn(*fn_args)
     calls, t0 = 0, time.perf_counter()
     while True:
-        fn()
+        fn(*fn_args)
         calls += 1
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds:
@@ -52,6 +52,16 @@ def _bytesio_kb(a: np.ndarray) -> float:
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="JPEG", quality=95)
     return buf.tell() / 1000.0
+
+
+def _encode_ours(pool: ThreadPoolExecutor, arrays: list[np.ndarray]) -> list[float]:
+    from rewards.jpeg import _jpeg_kb
+
+    return list(pool.map(lambda a: _jpeg_kb(a, 95), arrays))
+
+
+def _encode_bytesio(pool: ThreadPoolExecutor, arrays: list[np.ndarray]) -> list[float]:
+    return list(pool.map(_bytesio_kb, arrays))
 
 
 def tiny_clip():
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from rewards import AestheticReward, TinyPromptAlignment, make_bert_scorer, make_reward
     from rewards.aesthetic import AestheticHead, load_aesthetic_head
-    from rewards.jpeg import FD_MIN_PIXELS, _jpeg_kb
+    from rewards.jpeg import FD_MIN_PIXELS
 
     cores = os.cpu_count() or 1
     print(f"torch {torch.__version__}, {cores} CPU cores, torch threads {torch.get_num_threads()}, "
@@ -109,24 +119,23 @@ def main(argv: list[str] | None = None) -> None:
             x = images(args.batch, size)
             arrays = list(x.permute(0, 2, 3, 1).contiguous().numpy())
             prompts = ["a red picture"] * args.batch
-            r = rate(lambda: jpeg(x, prompts), args.batch, args.seconds)
-            rows.append(("jpeg_compressibility (reward, module thread pool)", size, r))
+            timing = (args.batch, args.seconds)
+            rows.append(("jpeg_compressibility (reward, module thread pool)", size, rate(jpeg, (x, prompts), *timing)))
             for workers in sorted({1, cores}):
                 with ThreadPoolExecutor(workers) as pool:
-                    ours = lambda: list(pool.map(lambda a: _jpeg_kb(a, 95), arrays))  # noqa: E731
-                    r = rate(ours, args.batch, args.seconds)
                     path = "fd" if size * size >= FD_MIN_PIXELS else "BytesIO"
+                    r = rate(_encode_ours, (pool, arrays), *timing)
                     rows.append((f"  JPEG encode, rewards.jpeg ({path} path), {workers} thread(s)", size, r))
                     if path == "fd":
-                        r = rate(lambda: list(pool.map(_bytesio_kb, arrays)), args.batch, args.seconds)
+                        r = rate(_encode_bytesio, (pool, arrays), *timing)
                         rows.append((f"  JPEG encode, BytesIO path (GIL held), {workers} thread(s)", size, r))
-            rows.append((f"aesthetic [TINY RANDOM CLIP, {head_label}]", size,
-                         rate(lambda: aesthetic(x, prompts), args.batch, args.seconds)))  # fmt: skip
-            rows.append(("prompt_alignment [local server, colour describer, MiniLM]", size,
-                         rate(lambda: colour(x, prompts), args.batch, args.seconds)))  # fmt: skip
+            r = rate(aesthetic, (x, prompts), *timing)
+            rows.append((f"aesthetic [TINY RANDOM CLIP, {head_label}]", size, r))
+            r = rate(colour, (x, prompts), *timing)
+            rows.append(("prompt_alignment [local server, colour describer, MiniLM]", size, r))
             if tiny_world is not None and size <= 64:
-                rows.append(("prompt_alignment [local server, tiny world captioner, MiniLM]", size,
-                             rate(lambda: tiny_world(x, prompts), args.batch, args.seconds)))  # fmt: skip
+                r = rate(tiny_world, (x, prompts), *timing)
+                rows.append(("prompt_alignment [local server, tiny world captioner, MiniLM]", size, r))
     finally:
         colour.close()
         if tiny_world is not None:
