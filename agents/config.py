@@ -79,6 +79,14 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Torch device.
     device: str = "cpu"
+    # Speed: UNet weights and inputs in channels-last memory format (oneDNN / tensor-core convolutions).
+    channels_last: bool = False
+    # Speed: torch.autocast dtype of UNet calls in sampling and training: None (fp32), "bf16" or "fp16".
+    autocast_dtype: str | None = None
+    # Speed: call the UNet through torch.compile (each batch shape compiles once, in the first epoch).
+    compile_unet: bool = False
+    # DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced precision).
+    recompute_old_log_probs: bool = False
     # Compute each batch's rewards in a worker thread while the next batch is sampled.
     async_rewards: bool = False
     # Save a checkpoint every this many epochs (and at the end).
@@ -142,6 +150,8 @@ class TrainConfig:
             errors.append(f"log_prob_reduction={self.log_prob_reduction!r}: expected 'mean' or 'sum'")
         if self.lora_rank is not None and self.lora_rank < 1:
             errors.append(f"lora_rank={self.lora_rank}: expected a positive integer, or None for full fine-tuning")
+        if self.autocast_dtype not in (None, "bf16", "fp16"):
+            errors.append(f"autocast_dtype={self.autocast_dtype!r}: expected None (fp32), 'bf16' or 'fp16'")
         if self.per_prompt_buffer_size and self.per_prompt_min_count > self.per_prompt_buffer_size:
             errors.append(
                 f"per_prompt_min_count={self.per_prompt_min_count} > per_prompt_buffer_size="
@@ -150,6 +160,11 @@ class TrainConfig:
         if errors:
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
         return self
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~agents.policy.GaussianUNetPolicy` that this config sets."""
+        return dict(lora_rank=self.lora_rank, reduction=self.log_prob_reduction, channels_last=self.channels_last,
+                    autocast_dtype=self.autocast_dtype, compile_unet=self.compile_unet)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
