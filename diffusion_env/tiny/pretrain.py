@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rewards.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
-from rewards.tinyworld.world import render, sample_scene, caption
+from rewards.tinyworld.world import caption, render, sample_scene
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets" / "tiny"
 
