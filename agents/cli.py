@@ -69,8 +69,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg)
     history = trainer.train()
     last = history[-1] if history else {}
-    print(json.dumps({"run_dir": str(trainer.run_dir), "epochs": trainer.epoch,
-                      "reward_mean": last.get("charts/reward_mean")}))  # fmt: skip
+    if trainer.dist.is_main:  # under torchrun / accelerate launch: one summary line, not one per process
+        print(json.dumps({"run_dir": str(trainer.run_dir), "epochs": trainer.epoch,
+                          "reward_mean": last.get("charts/reward_mean")}))  # fmt: skip
+    from agents.distributed import shutdown
+
+    shutdown()
     return 0
 
 

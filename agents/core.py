@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from agents.distributed import all_reduce_grads
 from agents.policy import GaussianUNetPolicy
 
 
@@ -191,6 +192,7 @@ def optimizer_step(policy: GaussianUNetPolicy, optimizer: torch.optim.Optimizer,
     Non-finite gradients (from a NaN reward or loss) are dropped, never applied: the step is skipped.
     """
     params = policy.trainable_parameters()
+    all_reduce_grads(params)  # data-parallel: sum over processes (LoRA included); no-op in one process
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     norm = float(grad_norm)  # one host sync per optimizer step
     if not np.isfinite(norm):

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 
 from agents.core import flat_pairs, optimizer_step, subsample_steps
+from agents.distributed import all_reduce_sum, local_pairs
 
 
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
     B, S = rollout.num_samples, rollout.num_steps
-    device = rollout.latents.device
+    device = advantages.device
     sums = {"losses/policy_loss": 0.0, "losses/approx_kl": 0.0, "losses/clipfrac": 0.0, "losses/ratio_dev_first": 0.0}
     acc = torch.zeros(3, device=device)  # loss, approx_kl, clipfrac sums — summed on device, synced once
     n_pairs, n_steps, skipped, grad_norms = 0, 0, 0, []
@@ -38,10 +39,12 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
             perm = torch.randperm(len(sample_idx), generator=generator)
             sample_idx, step_idx = sample_idx[perm].to(device), step_idx[perm].to(device)
             total = len(sample_idx)
+            # Several processes: keep the pairs of this process's samples (``total`` stays global).
+            local, sample_idx, step_idx, pair_adv = local_pairs(rollout, sample_idx, step_idx, advantages)
             # 3. Micro-batches through the UNet; gradients accumulate.
-            for m in range(0, total, cfg.micro_batch_size):
-                batch = flat_pairs(rollout, sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size])
-                adv = advantages[sample_idx[m : m + cfg.micro_batch_size]]
+            for m in range(0, len(sample_idx), cfg.micro_batch_size):
+                batch = flat_pairs(local, sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size])
+                adv = pair_adv[m : m + cfg.micro_batch_size]
                 log_prob = policy.log_prob(batch, batch["action"])
                 log_ratio = log_prob - batch["old_log_prob"]
                 ratio = log_ratio.exp()
@@ -64,7 +67,8 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
             n_steps += 1
             skipped += not applied
     policy.unet.eval()
-    totals = acc.tolist()
+    acc = all_reduce_sum(torch.cat([acc, torch.tensor([float(n_pairs)], device=device)]))  # over processes
+    totals, n_pairs = acc[:3].tolist(), int(acc[3])
     sums["losses/policy_loss"] = totals[0] / max(n_pairs, 1)
     sums["losses/approx_kl"] = totals[1] / max(n_pairs, 1)
     sums["losses/clipfrac"] = totals[2] / max(n_pairs, 1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from agents.core import optimizer_step
+from agents.distributed import all_reduce_sum, local_samples
 
 
 def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
@@ -34,21 +35,23 @@ def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
 def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generator) -> dict[str, float]:
     """Steps of the weighted DDPM loss on the rollout's x_0; ``weights`` [B] (normalised per prompt)."""
     env = policy.env
-    B = rollout.num_samples
-    device = rollout.latents.device
-    x0 = rollout.latents[:, -1]
+    B = rollout.num_samples  # all processes' samples (global indices)
+    device = weights.device
     n_prompts = len(set(rollout.prompts))
     loss_sum, n_steps, skipped, norms = torch.zeros((), device=device), 0, 0, []
     policy.unet.train()
     for _ in range(cfg.rwr_updates_per_epoch):
         idx = torch.randperm(B, generator=generator)[: cfg.train_batch_size]
         t = torch.randint(0, env.num_train_timesteps, (len(idx),), generator=generator).to(device)
-        noise = torch.randn(x0[idx].shape, generator=generator).to(device)
+        noise = torch.randn((len(idx), *env.latent_shape), generator=generator).to(device)
         idx = idx.to(device)
-        a = env.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        x_t = a.sqrt() * x0[idx] + (1 - a).sqrt() * noise
         # Importance of each drawn sample: its weight rescaled so the expectation is the full loss.
         w = weights[idx] * (B / len(idx)) / n_prompts
+        # Several processes: keep the drawn samples this process holds (one process: all of them).
+        local, keep, lidx = local_samples(rollout, idx)
+        idx, t, noise, w = idx[keep], t[keep], noise[keep], w[keep]
+        a = env.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        x_t = a.sqrt() * local.latents[lidx, -1] + (1 - a).sqrt() * noise
         for m in range(0, len(idx), cfg.micro_batch_size):
             sl = slice(m, m + cfg.micro_batch_size)
             cond = policy.text_embeddings([rollout.prompts[i] for i in idx[sl].tolist()])
@@ -62,6 +65,7 @@ def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generato
         n_steps += 1
         skipped += not applied
     policy.unet.eval()
+    loss_sum = all_reduce_sum(loss_sum)
     return {"losses/policy_loss": float(loss_sum) / max(n_steps, 1), "losses/grad_norm": sum(norms) / max(len(norms), 1),
             "losses/optimizer_steps": n_steps - skipped, "losses/skipped_steps": skipped}  # fmt: skip
 

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+from agents import distributed
 from agents.config import TrainConfig
 from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
 from agents.policy import GaussianUNetPolicy
@@ -105,6 +106,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg.validate()
+        self.dist = distributed.init()  # one process: a no-op context (see agents/distributed.py)
+        self.dist.check_config(self.cfg)
         self.update_fn = get_algo(cfg.algo)
         self.run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / f"{cfg.env_id}-{cfg.algo}-s{cfg.seed}")
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -114,9 +117,12 @@ class Trainer:
             )
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.env = make_env(cfg)
-        self.policy = GaussianUNetPolicy.from_env(
-            self.env, lora_rank=cfg.lora_rank, reduction=cfg.log_prob_reduction
-        )
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(derive_seed(cfg.seed))  # LoRA's random init derives from the run's seed too
+            self.policy = GaussianUNetPolicy.from_env(
+                self.env, lora_rank=cfg.lora_rank, reduction=cfg.log_prob_reduction
+            )
+        self.dist.broadcast_parameters(self.policy.trainable_parameters())  # every process starts from rank 0's
         self.policy.unet.eval()
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), cfg)
         self.tracker = PerPromptStatTracker(cfg.per_prompt_buffer_size, cfg.per_prompt_min_count)
@@ -125,7 +131,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         if resume:
             self._load_checkpoint()
-        else:
+        elif self.dist.is_main:
             _atomic_write_text(self.run_dir / "config.json", config_json(cfg))
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
@@ -136,7 +142,7 @@ class Trainer:
     def collect(self, epoch: int) -> Rollout:
         cfg = self.cfg
         parts = []
-        for b in range(cfg.samples_per_epoch // cfg.sample_batch_size):
+        for b in self.dist.shard_range(cfg.samples_per_epoch // cfg.sample_batch_size):  # global batch index
             gen = torch.Generator(device=self.policy.device).manual_seed(derive_seed(cfg.seed, epoch, b, 1))
             env_seed = derive_seed(cfg.seed, epoch, b, 0) % (2**31)
             parts.append(collect_rollout(self.env, self.policy, env_seed, gen))
@@ -156,7 +162,7 @@ class Trainer:
         while self.epoch < cfg.num_epochs:
             if cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget:
                 break
-            if cfg.time_limit_s and time.perf_counter() - started > cfg.time_limit_s:
+            if cfg.time_limit_s and self.dist.any(time.perf_counter() - started > cfg.time_limit_s):
                 break
             metrics = self.train_epoch()
             if progress is not None:
@@ -173,7 +179,7 @@ class Trainer:
     def train_epoch(self) -> dict[str, Any]:
         cfg, epoch = self.cfg, self.epoch
         t0 = time.perf_counter()
-        rollout = self.collect(epoch)
+        rollout = self.dist.gather_rollout(lambda: self.collect(epoch))  # global prompts/rewards
         t_sample = time.perf_counter() - t0
         rewards = rollout.rewards
         self.reward_queries += rollout.num_samples
@@ -205,12 +211,14 @@ class Trainer:
             cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget
         )
         if self.epoch % cfg.save_every == 0 or last:
-            self.save_checkpoint()
+            self.dist.on_main(self.save_checkpoint)
         return metrics
 
     # ------------------------------------------------------------------ logging
     def log(self, metrics: dict[str, Any], rollout: Rollout) -> None:
         self.history.append(metrics)
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         try:
@@ -246,10 +254,14 @@ class Trainer:
         return collect_rollout(env, policy, seed, gen, prompts=prompts).images
 
     def write_grid(self, path: Path) -> None:
+        if not self.dist.is_main:
+            return
         prompts = self.eval_prompts()
         save_png(image_grid(self.sample_images(prompts), nrow=len(prompts)), path, scale=4)
 
     def plot_reward_curve(self) -> None:
+        if not self.dist.is_main:
+            return
         rows = [json.loads(line) for line in open(self.run_dir / "metrics.jsonl")] if (self.run_dir / "metrics.jsonl").exists() else []
         if not rows:
             return
@@ -327,7 +339,8 @@ class Trainer:
         if metrics.exists():  # drop lines of epochs after the checkpoint (an interrupted epoch)
             rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
             self.history = [r for r in rows if r["epoch"] < self.epoch]
-            _atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
+            if self.dist.is_main:
+                _atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
 
 
 def load_trainable_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
