@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -322,25 +323,40 @@ class Trainer:
         latest = self.ckpt_dir / "latest"
         if not latest.exists():
             raise ValueError(f"{self.run_dir} has no checkpoint to resume (no {latest})")
-        folder = self.ckpt_dir / latest.read_text().strip()
+        name = latest.read_text(errors="replace").strip()
+        if not re.fullmatch(r"ckpt-\d+", name):
+            raise ValueError(f"{latest} names {name[:80]!r}; expected a checkpoint folder name like 'ckpt-0003'")
+        folder = self.ckpt_dir / name
         try:
             state = json.loads((folder / "state.json").read_text())
             weights = load_file(str(folder / "weights.safetensors"))
             opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+            epoch, queries = int(state["epoch"]), int(state["reward_queries"])
         except Exception as exc:  # truncated, foreign or missing files
             raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
                              "expected weights.safetensors, optimizer.safetensors and state.json") from exc  # fmt: skip
-        load_trainable_weights(self.policy.unet, weights)
-        _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.epoch = int(state["epoch"])
-        self.reward_queries = int(state["reward_queries"])
+        try:  # only in-memory state changes here; the run directory is untouched until this succeeded
+            load_trainable_weights(self.policy.unet, weights)
+            _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
+            self.tracker.load_state_dict(state["tracker"])
+        except Exception as exc:
+            raise ValueError(f"checkpoint {folder} does not fit this run ({type(exc).__name__}: {exc}); "
+                             "expected one written by a run with the same model and settings") from exc  # fmt: skip
+        self.epoch, self.reward_queries = epoch, queries
         metrics = self.run_dir / "metrics.jsonl"
         if metrics.exists():  # drop lines of epochs after the checkpoint (an interrupted epoch)
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r["epoch"] < self.epoch]
+            rows = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line torn by a kill in mid-write
+                    continue
+            self.history = [r for r in rows if isinstance(r, dict) and r.get("epoch", self.epoch) < self.epoch]
             if self.dist.is_main:
                 _atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
+        if self.dist.is_main:  # temp folders of a checkpoint write that was interrupted
+            for tmp in self.ckpt_dir.glob(".ckpt-*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_trainable_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
