@@ -3,14 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
 
 
+def _type_errors(cfg: TrainConfig) -> list[str]:
+    """Fields whose value does not have the annotated type (bools are not ints; ints are floats)."""
+    hints = typing.get_type_hints(type(cfg))
+    errors = []
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        allowed = tuple(typing.get_origin(a) or a for a in allowed)
+        ok = any(
+            value is None if a is type(None)
+            else isinstance(value, (int, float)) and not isinstance(value, bool) if a is float
+            else isinstance(value, int) and not isinstance(value, bool) if a is int
+            else isinstance(value, a)
+            for a in allowed
+        )  # fmt: skip
+        if not ok:
+            names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
+            errors.append(f"{f.name}={value!r:.80}: expected {names}")
+    return errors
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+    """The largest divisor of ``n`` that is <= ``at_most`` (pairs d, n/d up to √n; bounded work for huge n)."""
+    best, d = 1, 1
+    while d * d <= n and d <= 1_000_000:
+        if n % d == 0:
+            best = max([best] + [c for c in (d, n // d) if c <= at_most])
+        d += 1
+    return best
 
 
 @dataclass
@@ -108,7 +138,9 @@ class TrainConfig:
         """Refuse settings that make no sense, with a message that says how to fix them."""
         from agents.registry import registered_algos
 
-        errors = []
+        errors = _type_errors(self)
+        if errors:  # the checks below compare values; first make sure they have the right types
+            raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
         if self.algo not in registered_algos():
             errors.append(f"algo={self.algo!r}: expected one of {registered_algos()}")
         for name in ("num_epochs", "samples_per_epoch", "sample_batch_size", "train_batch_size",
@@ -125,7 +157,7 @@ class TrainConfig:
         if self.algo.startswith("rwr") and self.train_batch_size > self.samples_per_epoch:
             errors.append(
                 f"train_batch_size={self.train_batch_size} exceeds samples_per_epoch={self.samples_per_epoch}: "
-                "RWR draws its batches from the epoch's samples"
+                "RWR draws its batches from the epoch's samples; expected train_batch_size <= samples_per_epoch"
             )
         elif not self.algo.startswith("rwr") and self.samples_per_epoch % max(1, self.train_batch_size):
             errors.append(
@@ -136,12 +168,31 @@ class TrainConfig:
             errors.append(f"timestep_fraction={self.timestep_fraction}: expected 0 < fraction <= 1")
         if self.eta is not None and not self.eta > 0:
             errors.append(f"eta={self.eta}: the policy has no density for eta <= 0; use eta > 0 (DDPO uses 1)")
-        if self.learning_rate <= 0:
-            errors.append(f"learning_rate={self.learning_rate}: expected > 0")
-        if self.clip_range <= 0:
-            errors.append(f"clip_range={self.clip_range}: expected > 0")
-        if self.max_grad_norm <= 0:
-            errors.append(f"max_grad_norm={self.max_grad_norm}: expected > 0")
+        # ``not x > 0`` (rather than ``x <= 0``) also refuses NaN.
+        for name in ("learning_rate", "clip_range", "adv_clip_max", "max_grad_norm"):
+            value = getattr(self, name)
+            if not value > 0 or (name != "max_grad_norm" and not math.isfinite(value)):
+                errors.append(f"{name}={value}: expected a finite number > 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)}: expected 0 <= beta < 1")
+        for name in ("adam_weight_decay", "adam_epsilon", "time_limit_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                errors.append(f"{name}={getattr(self, name)}: expected a finite number >= 0")
+        if not math.isfinite(self.rwr_beta):
+            errors.append(f"rwr_beta={self.rwr_beta}: expected a finite number")
+        for name in ("seed", "per_prompt_buffer_size", "grid_every"):
+            if getattr(self, name) < 0:
+                errors.append(f"{name}={getattr(self, name)}: expected an integer >= 0")
+        for name in ("per_prompt_min_count", "num_eval_prompts"):
+            if getattr(self, name) < 1:
+                errors.append(f"{name}={getattr(self, name)}: expected a positive integer")
+        if self.num_steps is not None and self.num_steps < 1:
+            errors.append(f"num_steps={self.num_steps}: expected a positive integer (or None: the env's)")
+        if self.guidance_scale is not None and not 1 <= self.guidance_scale < math.inf:
+            errors.append(f"guidance_scale={self.guidance_scale}: expected a finite number >= 1 (1: no guidance)")
+        if self.eta is not None and not math.isfinite(self.eta):
+            errors.append(f"eta={self.eta}: expected a finite number > 0")
         if self.algo == "ddpo-sf" and self.num_inner_epochs != 1:
             errors.append("ddpo-sf is on-policy: num_inner_epochs must be 1 (use ddpo-is for several passes)")
         if not 0 < self.rwr_sparse_quantile < 1:
@@ -155,7 +206,7 @@ class TrainConfig:
         if self.per_prompt_buffer_size and self.per_prompt_min_count > self.per_prompt_buffer_size:
             errors.append(
                 f"per_prompt_min_count={self.per_prompt_min_count} > per_prompt_buffer_size="
-                f"{self.per_prompt_buffer_size}: it could never be reached"
+                f"{self.per_prompt_buffer_size}: it could never be reached; expected min_count <= buffer_size"
             )
         if errors:
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
