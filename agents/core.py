@@ -15,6 +15,7 @@ import torch
 
 from agents.distributed import all_reduce_grads
 from agents.policy import GaussianUNetPolicy
+from rewards import RewardError
 
 
 class Rollout(NamedTuple):
@@ -89,7 +90,12 @@ def resolve_rewards(rollout: Rollout) -> Rollout:
     """Wait for a deferred reward (``async_reward`` envs) and put it into the rollout."""
     if rollout.reward_handle is None:
         return rollout
-    rewards, _ = rollout.reward_handle.result()
+    try:
+        rewards, _ = rollout.reward_handle.result()
+    except ValueError:  # the reward's output failed validation: already a clear message
+        raise
+    except Exception as exc:
+        raise RewardError(f"the reward raised {type(exc).__name__} while scoring a batch: {exc}") from exc
     return rollout._replace(rewards=rewards.to(rollout.rewards.device).float(), reward_handle=None)
 
 

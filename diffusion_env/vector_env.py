@@ -17,7 +17,7 @@ from gymnasium.vector.utils import batch_space
 from diffusion_env.components import FrozenComponents, load_components
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
 from diffusion_env.step_math import check_std, previous_timestep, schedule_std
-from rewards import AsyncRewardEvaluator, check_reward_output, make_reward
+from rewards import AsyncRewardEvaluator, RewardError, check_reward_output, make_reward
 
 PROMPT_CHARSET = string.printable
 MAX_PROMPT_LENGTH = 10_000
@@ -68,6 +68,8 @@ class DenoisingEnv(VectorEnv):
     ## Rewards
     0 on every step but the last. After the last step the latents x_0 are decoded by the VAE to images
     in [0, 1] and the reward is ``reward(images, prompts)`` (see :mod:`rewards`), a float32 tensor.
+    A reward that raises surfaces as :class:`rewards.RewardError` naming the reward and its error; an
+    output of the wrong shape or type as ``ValueError``; NaN/inf values are passed through.
 
     ## Episode end
     Terminates after ``num_steps`` actions, for all sub-environments at once. Never truncates.
@@ -291,9 +293,13 @@ class DenoisingEnv(VectorEnv):
                 raise ValueError(f"the prompt distribution returned {type(p).__name__}; expected str")
         if "prompts" in options:
             fixed = options["prompts"]
-            if isinstance(fixed, str) or len(fixed) != self.num_envs:
-                raise ValueError(f"options['prompts'] must be a list of {self.num_envs} strings")
-            drawn = tuple(str(p) for p in fixed)
+            if (isinstance(fixed, str) or not isinstance(fixed, Sequence) or len(fixed) != self.num_envs
+                    or not all(isinstance(p, str) for p in fixed)):  # fmt: skip
+                raise ValueError(f"options['prompts'] is {fixed!r:.200}; expected a list of {self.num_envs} strings")
+            drawn = tuple(fixed)
+        for p in drawn:  # the observation space's Text(max_length=MAX_PROMPT_LENGTH)
+            if len(p) > MAX_PROMPT_LENGTH:
+                raise ValueError(f"a prompt has {len(p)} characters; expected at most {MAX_PROMPT_LENGTH}")
         self._prompts = drawn
 
         # 2. x_T ~ N(0, I) per sub-environment, drawn on the CPU for device-independent seeding.
@@ -340,9 +346,11 @@ class DenoisingEnv(VectorEnv):
             info["reward_handle"], info["_reward_handle"] = self._evaluator.submit(images, list(self._prompts)), mask
             rewards = torch.full((self.num_envs,), float("nan"), device=self.device)
         else:
-            rewards, reward_info = check_reward_output(
-                self.reward_fn(images, list(self._prompts)), self.num_envs, name=repr(self.reward_fn)
-            )
+            try:
+                out = self.reward_fn(images, list(self._prompts))
+            except Exception as exc:  # a clear error naming the reward, not a traceback from its insides
+                raise RewardError(f"reward {self.reward_fn!r} raised {type(exc).__name__}: {exc}") from exc
+            rewards, reward_info = check_reward_output(out, self.num_envs, name=repr(self.reward_fn))
             rewards = rewards.to(self.device)
             info["reward_info"], info["_reward_info"] = reward_info, mask
         self._needs_reset = True

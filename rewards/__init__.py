@@ -22,6 +22,7 @@ from rewards.alignment import (
 from rewards.async_eval import AsyncRewardEvaluator, RewardHandle
 from rewards.base import (
     MissingModelError,
+    RewardError,
     RewardFn,
     as_float_images,
     as_uint8_images,
@@ -81,6 +82,7 @@ __all__ = [
     "JpegIncompressibility",
     "MissingModelError",
     "PromptAlignmentReward",
+    "RewardError",
     "RewardFn",
     "RewardHandle",
     "RewardServerError",

@@ -108,6 +108,11 @@ def check_reward_output(out: Any, batch: int, name: str = "reward") -> tuple[tor
     return out.to(torch.float32), info
 
 
+class RewardError(RuntimeError):
+    """A reward function raised while scoring a batch. The message names the reward and its error
+    (the original exception is chained as ``__cause__``)."""
+
+
 class MissingModelError(FileNotFoundError):
     """Model weights a reward needs are neither at the given path nor in the local Hugging Face cache.
 
