@@ -13,6 +13,11 @@ A run directory holds::
 
 Every random draw of epoch e derives from ``(seed, e)`` alone, so resuming from the checkpoint of
 epoch e continues exactly as an uninterrupted run would.
+
+Failures: a NaN/inf reward skips that epoch's update (``charts/skipped_update``); a reward that raises
+stops training with :class:`rewards.RewardError` naming it, before anything of the epoch is written,
+so the run resumes from its last checkpoint. A kill at any moment leaves the last complete checkpoint
+intact (tests/test_fault_drills.py). Several processes: see :mod:`agents.distributed`.
 """
 
 from __future__ import annotations
@@ -322,7 +327,8 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         latest = self.ckpt_dir / "latest"
         if not latest.exists():
-            raise ValueError(f"{self.run_dir} has no checkpoint to resume (no {latest})")
+            raise ValueError(f"{self.run_dir} has no checkpoint to resume (no {latest}); expected the run "
+                             "directory of a run that saved a checkpoint")
         name = latest.read_text(errors="replace").strip()
         if not re.fullmatch(r"ckpt-\d+", name):
             raise ValueError(f"{latest} names {name[:80]!r}; expected a checkpoint folder name like 'ckpt-0003'")
