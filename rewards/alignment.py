@@ -32,6 +32,7 @@ import json
 import os
 import random
 import socket
+import sys
 import threading
 import time
 import urllib.error
@@ -445,6 +446,10 @@ class TinyPromptAlignment(PromptAlignmentReward):
             self._stop = None
 
     def __del__(self) -> None:
+        # At interpreter exit the server's daemon thread may already be gone: a blocking shutdown()
+        # would then wait forever and hang the process. Daemon threads die with the process anyway.
+        if sys.is_finalizing():
+            return
         try:
             self.close()
         except Exception:

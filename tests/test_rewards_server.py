@@ -361,3 +361,20 @@ def test_unexpected_client_side_failure_still_carries_the_batch(server, monkeypa
     with pytest.raises(RewardServerError, match="MemoryError: cannot encode") as err:
         client(url).describe(images, ["a", "b"])
     assert err.value.images is images and err.value.failed == [0, 1]
+
+
+def test_process_exits_with_an_unclosed_tiny_alignment_reward():
+    """Regression: __del__ at interpreter exit used to block forever in the server's shutdown()."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        from rewards.alignment import TinyPromptAlignment
+        reward = TinyPromptAlignment(describe=lambda images: ["a red circle"] * len(images))
+        print("made", flush=True)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr[-2000:]
