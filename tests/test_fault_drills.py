@@ -103,3 +103,60 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tiny_sd, tmp_path):
     state_a = json.loads((killed / "checkpoints" / f"ckpt-{NUM_EPOCHS:04d}" / "state.json").read_text())
     state_b = json.loads((reference / "checkpoints" / f"ckpt-{NUM_EPOCHS:04d}" / "state.json").read_text())
     assert state_a["tracker"] == state_b["tracker"] and state_a["reward_queries"] == state_b["reward_queries"]
+
+
+def _small_cfg(tiny_sd, run_dir):
+    from agents.config import TrainConfig
+
+    return TrainConfig(env_id="Denoise-SD14-Incompressibility-v0", algo="ddpo-is", num_epochs=2, samples_per_epoch=2,
+                       sample_batch_size=2, train_batch_size=2, micro_batch_size=16, num_steps=2, learning_rate=1e-3,
+                       env_kwargs=dict(model=str(tiny_sd), height=16, width=16, prompts=["a cat", "a dog"]),
+                       run_dir=str(run_dir), progress=False, per_prompt_min_count=2, per_prompt_buffer_size=8,
+                       num_eval_prompts=1)  # fmt: skip
+
+
+class _Crash(Exception):
+    """Stands in for the process dying at this point."""
+
+
+@pytest.mark.parametrize("crash_at", ["optimizer.safetensors", "state.json", "latest"])
+def test_crash_inside_a_checkpoint_write_keeps_the_previous_one(tiny_sd, tmp_path, monkeypatch, crash_at):
+    """The process dies while writing checkpoint 2: after its optimizer file, after its state.json (just
+    before the folder is renamed into place), or after the rename but before ``latest`` is repointed.
+    ``latest`` must still name a complete checkpoint 1, and resuming finishes the run."""
+    import agents.trainer as trainer_mod
+    from agents.trainer import Trainer
+
+    tr = Trainer(_small_cfg(tiny_sd, tmp_path / "run"))
+    tr.train_epoch()
+    real_save, real_atomic, real_replace = trainer_mod.save_file, trainer_mod._atomic_write_text, trainer_mod.os.replace
+
+    def save_file(tensors, path):
+        real_save(tensors, path)
+        if crash_at == "optimizer.safetensors" and path.endswith(crash_at):
+            raise _Crash
+
+    def replace(src, dst):
+        if crash_at == "state.json" and Path(dst).name == "ckpt-0002":
+            raise _Crash
+        real_replace(src, dst)
+
+    def atomic(path, text):
+        if crash_at == "latest" and path.name == "latest":
+            raise _Crash
+        real_atomic(path, text)
+
+    monkeypatch.setattr(trainer_mod, "save_file", save_file)
+    monkeypatch.setattr(trainer_mod, "_atomic_write_text", atomic)
+    monkeypatch.setattr(trainer_mod.os, "replace", replace)
+    with pytest.raises(_Crash):
+        tr.train_epoch()
+    monkeypatch.undo()
+    run = tmp_path / "run"
+    assert _check_loadable(run) == "ckpt-0001"
+    resumed = Trainer(_small_cfg(tiny_sd, run), resume=True)
+    assert resumed.epoch == 1
+    assert not list((run / "checkpoints").glob(".ckpt-*.tmp"))  # the torn write was cleaned up
+    resumed.train_epoch()
+    assert _check_loadable(run) == "ckpt-0002"
+    assert [r["epoch"] for r in _metrics(run)] == [0, 1]
