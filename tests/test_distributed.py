@@ -24,7 +24,7 @@ from agents.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("_dist_worker.py")
-LAUNCH_TIMEOUT_S = 240  # a hung collective fails the test instead of blocking the suite
+LAUNCH_TIMEOUT_S = 420  # a hung collective fails the test instead of blocking the suite (generous: shared CPUs)
 
 # Tolerance. Both runs use the same samples, shuffles and global loss normalisation; they differ only
 # in floating-point summation order (each process accumulates its own micro-batches, then gloo adds
@@ -109,9 +109,9 @@ def _compare(ref: dict[str, torch.Tensor], out: Path, name: str, report: dict) -
     assert diff <= PARAM_ATOL, f"{name}: max |2-process − 1-process| = {diff:.3g} > {PARAM_ATOL}"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
-    """After one update (DDPO-IS with LoRA; RWR full fine-tuning) 2 processes hold the 1-process weights;
+    """After one epoch (DDPO-IS with LoRA; RWR and DDPO-SF full fine-tuning) 2 processes hold the 1-process weights;
     a 2-process run then resumes from its checkpoint in a fresh launch and still matches."""
     out = tmp_path / "out"
     out.mkdir()
@@ -119,7 +119,9 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     # is a smooth function of the gradients and rounding differences cannot flip a pair in or out of the clip.
     lora = _cfg(tiny_sd, tmp_path / "lora2", lora_rank=2, clip_range=0.5, adam_epsilon=1e-4)
     rwr = _cfg(tiny_sd, tmp_path / "rwr2", algo="rwr", rwr_updates_per_epoch=2, samples_per_epoch=4, adam_epsilon=1e-4)
-    launch({"out": str(out), "runs": [{"name": "lora", "config": lora}, {"name": "rwr", "config": rwr}]}, tmp_path)
+    sf = _cfg(tiny_sd, tmp_path / "sf2", algo="ddpo-sf", samples_per_epoch=4, train_batch_size=4, adam_epsilon=1e-4)
+    runs = [{"name": "lora", "config": lora}, {"name": "rwr", "config": rwr}, {"name": "sf", "config": sf}]
+    launch({"out": str(out), "runs": runs}, tmp_path)
 
     # The one-process reference, in this process, with no launcher: same total batch per epoch.
     ref_lora = Trainer(TrainConfig(**{**lora, "run_dir": str(tmp_path / "lora1"), "num_epochs": 2}))
@@ -127,11 +129,14 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     ref_lora_state1 = ref_lora.trainable_state()
     ref_rwr = Trainer(TrainConfig(**{**rwr, "run_dir": str(tmp_path / "rwr1")}))
     ref_rwr.train_epoch()
+    ref_sf = Trainer(TrainConfig(**{**sf, "run_dir": str(tmp_path / "sf1")}))
+    ref_sf.train_epoch()
 
     report: dict[str, float] = {}
     assert all("lora" in k for k in ref_lora_state1)  # the synced gradients include the LoRA adapters
     _compare(ref_lora_state1, out, "lora", report)
     _compare(ref_rwr.trainable_state(), out, "rwr", report)
+    _compare(ref_sf.trainable_state(), out, "sf", report)
     # Same samples as one process (sharded by global batch index): rewards agree exactly.
     hist = json.loads((out / "lora-rank0.json").read_text())
     assert hist["world_size"] == 2
