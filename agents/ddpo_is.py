@@ -9,6 +9,13 @@ Reading order: 1. every inner epoch reshuffles samples and picks each sample's t
 2. each optimizer step takes ``train_batch_size`` samples and all their chosen timesteps, flattened
 into one list of (sample, timestep) pairs; 3. the pairs go through the UNet ``micro_batch_size`` at a
 time, gradients accumulating; 4. clip, check for non-finite gradients, step.
+
+With ``cfg.recompute_old_log_probs`` the old log-probs are first recomputed, without gradients, in
+exactly the micro-batches of the first pass (all of its steps' pairs are drawn before any UNet call,
+from the same random draws as without it). Reduced-precision kernels (bf16 autocast) may round
+differently with batch size and composition, so sampling-time log-probs can differ from training-time
+ones by more than the clip range 1e-4; recomputed ones start the first ratio at 1. The largest change
+is reported as ``losses/old_log_prob_dev``.
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
     sums = {"losses/policy_loss": 0.0, "losses/approx_kl": 0.0, "losses/clipfrac": 0.0, "losses/ratio_dev_first": 0.0}
     acc = torch.zeros(3, device=device)  # loss, approx_kl, clipfrac sums — summed on device, synced once
     n_pairs, n_steps, skipped, grad_norms = 0, 0, 0, []
-    first_ratio_dev = None
+    first_ratio_dev, recompute_dev = None, None
+    recompute = getattr(cfg, "recompute_old_log_probs", False)
+    old_tables: dict[int, torch.Tensor] = {}  # id(local rollout) -> its log-probs, recomputed
     policy.unet.train()
-    for _ in range(cfg.num_inner_epochs):
+    for inner in range(cfg.num_inner_epochs):
+        layout = []
         # 1. Shuffle samples; choose each sample's timesteps.
         order = torch.randperm(B, generator=generator)
         steps = subsample_steps(B, S, cfg.timestep_fraction, generator)  # [B, k]
@@ -40,13 +50,18 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
             sample_idx, step_idx = sample_idx[perm].to(device), step_idx[perm].to(device)
             total = len(sample_idx)
             # Several processes: keep the pairs of this process's samples (``total`` stays global).
-            local, sample_idx, step_idx, pair_adv = local_pairs(rollout, sample_idx, step_idx, advantages)
+            layout.append((*local_pairs(rollout, sample_idx, step_idx, advantages), total))
+        if recompute and inner == 0:
+            recompute_dev = _recompute_old_log_probs(policy, layout, cfg.micro_batch_size, old_tables)
+        for local, sample_idx, step_idx, pair_adv, total in layout:
             # 3. Micro-batches through the UNet; gradients accumulate.
             for m in range(0, len(sample_idx), cfg.micro_batch_size):
-                batch = flat_pairs(local, sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size])
+                s, j = sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size]
+                batch = flat_pairs(local, s, j)
                 adv = pair_adv[m : m + cfg.micro_batch_size]
                 log_prob = policy.log_prob(batch, batch["action"])
-                log_ratio = log_prob - batch["old_log_prob"]
+                old_log_prob = old_tables[id(local)][s, j] if recompute else batch["old_log_prob"]
+                log_ratio = log_prob - old_log_prob
                 ratio = log_ratio.exp()
                 unclipped = -adv * ratio
                 clipped = -adv * ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
@@ -73,7 +88,24 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
     sums["losses/approx_kl"] = totals[1] / max(n_pairs, 1)
     sums["losses/clipfrac"] = totals[2] / max(n_pairs, 1)
     sums["losses/ratio_dev_first"] = float(first_ratio_dev) if first_ratio_dev is not None else 0.0
+    if recompute_dev is not None:
+        sums["losses/old_log_prob_dev"] = float(recompute_dev)
     sums["losses/grad_norm"] = sum(grad_norms) / max(len(grad_norms), 1)
     sums["losses/optimizer_steps"] = n_steps - skipped
     sums["losses/skipped_steps"] = skipped
     return sums
+
+
+@torch.no_grad()
+def _recompute_old_log_probs(policy, layout, micro: int, tables: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Fill ``tables`` with the policy's log-probs of ``layout``'s pairs, in its micro-batches."""
+    dev = None  # stays on the device: no host sync per micro-batch
+    for local, sample_idx, step_idx, _, _ in layout:
+        table = tables.setdefault(id(local), local.log_probs.clone())
+        for m in range(0, len(sample_idx), micro):
+            s, j = sample_idx[m : m + micro], step_idx[m : m + micro]
+            batch = flat_pairs(local, s, j)
+            table[s, j] = policy.log_prob(batch, batch["action"])
+            d = (table[s, j] - batch["old_log_prob"]).abs().max()
+            dev = d if dev is None else torch.maximum(dev, d)
+    return dev if dev is not None else torch.zeros(())

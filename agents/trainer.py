@@ -125,9 +125,8 @@ class Trainer:
         self.env = make_env(cfg)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(derive_seed(cfg.seed))  # LoRA's random init derives from the run's seed too
-            self.policy = GaussianUNetPolicy.from_env(
-                self.env, lora_rank=cfg.lora_rank, reduction=cfg.log_prob_reduction
-            )
+            # LoRA, log-prob reduction and the opt-in speed-ups (channels_last, autocast, compile).
+            self.policy = GaussianUNetPolicy.from_env(self.env, **cfg.policy_kwargs())
         self.dist.broadcast_parameters(self.policy.trainable_parameters())  # every process starts from rank 0's
         self.policy.unet.eval()
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), cfg)
