@@ -1,0 +1,319 @@
+"""Leaderboard: every registered algorithm on the ``Denoise-Tiny-*`` tasks at a fixed reward-query budget.
+
+    python -m benchmarks.leaderboard [--quick] [--algos ...] [--tasks ...] [--seeds N] [--budget Q]
+
+Each (task, algorithm, seed) run trains with the algorithm's ``tiny`` preset
+(``agents.config.preset_config("tiny", algo, ...)``) through :class:`agents.trainer.Trainer` until
+``--budget`` reward queries have been made, then is evaluated:
+
+- ``final_reward``: mean reward of the last training epoch (the curve's end);
+- ``train_eval`` / ``heldout_eval``: mean reward at fixed seeds on the training prompts and on the
+  held-out prompt set of the task's prompts (``tiny_train`` → ``tiny_heldout``), with
+  :func:`agents.evaluate.evaluate_policy` — the same seeds for every run and for the base model;
+- ``kl_to_base``: drift from the base model (over-optimisation). Along trajectories sampled by the
+  fine-tuned policy, each step's policy and the base model's are Gaussians with the same σ_t, so
+  KL(π_ft ‖ π_base) = ‖μ_ft − μ_base‖² / (2σ_t²) summed over latent dimensions, in closed form. Reported
+  as the mean over steps and samples (nats per step) and summed over steps (``kl_path``: the KL
+  between the two samplers' trajectory distributions, since both start from the same x_T);
+- ``fidelity``: the tiny world's programmatic captioner (:mod:`rewards.tinyworld.captioner`) on the
+  same fine-tuned samples: the fraction showing every object of the prompt with the right colour,
+  shape, count, size and relation (prompt-image faithfulness; falls when rewards are gamed).
+
+Every run lives in ``<runs>/<task>/<algo>/seed<k>/`` (the trainer's run directory, checkpoints
+included) and is finished when its ``result.json`` exists. A finished run is never redone, and an
+interrupted one resumes from its last checkpoint, so the leaderboard can be stopped and restarted at
+any time. At the end (and after each run) the table is written to ``<out>/leaderboard.json`` and
+``.md``, and ``<out>/leaderboard_<task>.png`` plots mean reward ± std over seeds against reward
+queries (the DDPO paper's Figure 4 at tiny scale).
+
+Any algorithm registered with :func:`agents.registry.register_algo` before :func:`main` runs is
+included (see ``benchmarks/examples/my_algo.py`` and ``docs/benchmarks.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+from agents.config import preset_config
+from agents.policy import GaussianUNetPolicy
+from agents.registry import registered_algos
+
+TASKS = ("Denoise-Tiny-Compressibility-v0", "Denoise-Tiny-Incompressibility-v0", "Denoise-Tiny-PromptAlignment-v0")
+RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "leaderboard"
+QUICK = dict(budget=128, seeds=1, tasks=TASKS[:2], eval_samples=16)
+
+
+def task_id(name: str) -> str:
+    """``Compressibility`` or a full ID → the registered ID (``Denoise-Tiny-Compressibility-v0``)."""
+    import gymnasium as gym
+
+    full = name if name.startswith("Denoise-") else f"Denoise-Tiny-{name}-v0"
+    if full not in gym.registry:
+        known = sorted(i for i in gym.registry if i.startswith("Denoise-Tiny-"))
+        raise ValueError(f"unknown task {name!r}; expected one of {known} (or their middle part)")
+    return full
+
+
+def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
+    """The run's TrainConfig: the algorithm's tiny preset, this task and seed, the budget."""
+    overrides: dict[str, Any] = dict(env_id=task, seed=seed, reward_query_budget=args.budget, progress=False,
+                                     run_dir=str(args.runs / task / algo / f"seed{seed}"), save_every=1,
+                                     micro_batch_size=args.micro_batch)  # fmt: skip
+    if args.model:
+        overrides["env_kwargs"] = {"model": str(args.model)}
+    if args.num_steps:
+        overrides["num_steps"] = args.num_steps
+    cfg = preset_config("tiny", algo, **overrides)
+    if args.samples_per_epoch:
+        n = args.samples_per_epoch
+        cfg = cfg.replace(samples_per_epoch=n, sample_batch_size=min(cfg.sample_batch_size, n),
+                          train_batch_size=min(cfg.train_batch_size, n))  # fmt: skip
+    cfg = cfg.replace(num_epochs=math.ceil(args.budget / cfg.samples_per_epoch))
+    return cfg.validate()
+
+
+# ---------------------------------------------------------------------------------------------- drift
+@torch.no_grad()
+def drift_from_base(cfg, unet: torch.nn.Module, base_unet: torch.nn.Module, num_samples: int, seed: int) -> dict:
+    """KL to the base model along fine-tuned trajectories, and the captioner's fidelity of the samples."""
+    from agents.trainer import derive_seed, make_env
+
+    env = make_env(cfg, num_envs=num_samples)
+    ft = GaussianUNetPolicy(unet, env, reduction=cfg.log_prob_reduction)
+    base = GaussianUNetPolicy(base_unet, env, reduction=cfg.log_prob_reduction)
+    gen = torch.Generator(device=ft.device).manual_seed(derive_seed(seed, 7))
+    obs, _ = env.reset(seed=derive_seed(seed, 8) % 2**31)
+    kls, info = [], {}
+    while "images" not in info:
+        g_ft = ft.distribution(obs["x_t"], obs["t"], obs["prompt"])
+        g_base = base.distribution(obs["x_t"], obs["t"], obs["prompt"])
+        var = g_ft.std.flatten() ** 2  # the same σ_t for both: it depends on t only
+        kls.append(((g_ft.mean - g_base.mean) ** 2).flatten(1).sum(1) / (2 * var))
+        noise = torch.randn(g_ft.mean.shape, generator=gen, device=ft.device)
+        obs, _, _, _, info = env.step(g_ft.mean + g_ft.std * noise)
+    kl = torch.stack(kls, dim=1)  # [B, S]
+    out = {"kl_to_base": float(kl.mean()), "kl_path": float(kl.sum(1).mean()), "fidelity": None}
+    try:
+        from rewards.tinyworld import captioner
+
+        scores = captioner.score(info["images"], list(info["prompts"]))
+        out["fidelity"] = float(np.mean([s["all_correct"] for s in scores]))
+    except (ImportError, ValueError, KeyError) as exc:  # prompts that are not world captions
+        out["fidelity_error"] = f"{type(exc).__name__}: {exc}"
+    env.close()
+    return out
+
+
+def evaluate_run(cfg, unet, base_unet, args) -> dict[str, Any]:
+    from agents.evaluate import HELDOUT_SETS, evaluate_policy, heldout_prompt_set
+
+    out: dict[str, Any] = {}
+    import gymnasium as gym
+
+    train_prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
+    out["train_eval"] = evaluate_policy(cfg, unet, train_prompts, num_samples=args.eval_samples)["reward_mean"]
+    heldout = heldout_prompt_set(cfg) or HELDOUT_SETS.get("tiny_train")
+    out["heldout_eval"] = evaluate_policy(cfg, unet, heldout, num_samples=args.eval_samples)["reward_mean"]
+    out.update(drift_from_base(cfg, unet, base_unet, args.eval_samples, seed=10_000))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """Train and evaluate one run unless its result.json exists. Returns ``(result, ran)``."""
+    from agents.trainer import Trainer
+    from diffusion_env.components import load_unet
+
+    cfg = run_config(task, algo, seed, args)
+    run_dir = Path(cfg.run_dir)
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text()), False
+    resume = (run_dir / "checkpoints" / "latest").exists()
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, resume=resume)
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    base_unet = load_unet(trainer.env.model_path)
+    result = {
+        "task": task, "algo": algo, "seed": seed, "budget": args.budget, "resumed": resume,
+        "reward_queries": trainer.reward_queries, "epochs": trainer.epoch,
+        "final_reward": trainer.history[-1]["charts/reward_mean"] if trainer.history else None,
+        "curve": [[h["charts/reward_queries"], h["charts/reward_mean"]] for h in trainer.history],
+        "train_s": train_s,
+    }  # fmt: skip
+    result.update(evaluate_run(cfg, trainer.policy.unet, base_unet, args))
+    result["total_s"] = time.perf_counter() - t0
+    tmp = done.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, done)
+    trainer.env.close()
+    return result, True
+
+
+def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The base model's evaluation on the task (cached like a run, in ``<runs>/<task>/base.json``)."""
+    from diffusion_env.components import load_unet
+
+    path = args.runs / task / "base.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg = run_config(task, registered_algos()[0], 0, args)
+    from agents.trainer import make_env
+
+    env = make_env(cfg, num_envs=1)
+    unet = load_unet(env.model_path)
+    res = {"task": task, "algo": "base model", **evaluate_run(cfg, unet, unet, args)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1))
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- tables
+COLUMNS = ("final_reward", "train_eval", "heldout_eval", "kl_to_base", "kl_path", "fidelity")
+
+
+def aggregate(results: list[dict[str, Any]], bases: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for task in dict.fromkeys(r["task"] for r in results):
+        if task in bases:
+            b = bases[task]
+            rows.append({"task": task, "algo": "base model", "seeds": 0,
+                         **{c: [b.get(c), 0.0] for c in COLUMNS if c != "final_reward"}, "final_reward": [None, None]})  # fmt: skip
+        for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
+            rs = [r for r in results if r["task"] == task and r["algo"] == algo]
+            row = {"task": task, "algo": algo, "seeds": len(rs)}
+            for c in COLUMNS:
+                vals = [r[c] for r in rs if r.get(c) is not None]
+                row[c] = [float(np.mean(vals)), float(np.std(vals))] if vals else [None, None]
+            rows.append(row)
+    return rows
+
+
+def _fmt(ms: list) -> str:
+    m, s = ms
+    if m is None:
+        return "–"
+    return f"{m:.3g} ± {s:.2g}" if s else f"{m:.3g}"
+
+
+def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
+    rows = aggregate(results, bases)
+    out = {"budget": args.budget, "seeds": args.seeds, "algos": args.algos, "tasks": args.tasks,
+           "complete": pending == 0, "pending_runs": pending, "rows": rows, "runs": results}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "leaderboard.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [f"# Leaderboard: tiny tasks, {args.budget} reward queries per run",
+             "", f"Mean ± std over seeds. {'Complete.' if not pending else f'**Partial: {pending} run(s) missing.**'}",
+             "Columns: see `docs/benchmarks.md` (KL in nats per denoising step; path KL summed over steps).", "",
+             "| task | algorithm | seeds | final reward | eval (train prompts) | eval (held-out) | KL/step to base | path KL | fidelity |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        task = r["task"].removeprefix("Denoise-Tiny-").removesuffix("-v0")
+        lines.append(f"| {task} | {r['algo']} | {r['seeds']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+    (args.out / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    plot_curves(results, args)
+    return out
+
+
+def plot_curves(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for task in dict.fromkeys(r["task"] for r in results):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
+            curves = [np.asarray(r["curve"], dtype=float) for r in results if r["task"] == task and r["algo"] == algo]
+            curves = [c for c in curves if len(c)]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            x = curves[0][:n, 0]
+            y = np.stack([c[:n, 1] for c in curves])
+            ax.plot(x, y.mean(0), label=f"{algo} ({len(curves)} seeds)")
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.2)
+        ax.set_xlabel("reward queries")
+        ax.set_ylabel("reward (mean over the epoch)")
+        ax.set_title(task.removeprefix("Denoise-"))
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(args.out / f"leaderboard_{task.removeprefix('Denoise-Tiny-').removesuffix('-v0')}.png", dpi=100)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: budget {QUICK['budget']}, {QUICK['seeds']} seed, 2 tasks, {QUICK['eval_samples']} eval samples")  # fmt: skip
+    p.add_argument("--algos", nargs="+", help="algorithms (default: every registered one)")
+    p.add_argument("--tasks", nargs="+", help="tasks: IDs or Compressibility/Incompressibility/PromptAlignment")
+    p.add_argument("--seeds", type=int, help="seeds per (task, algorithm) (default 3)")
+    p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
+    p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"where the tables and plots go (default {RESULTS})")
+    p.add_argument("--runs", type=Path, default=RUNS, help=f"where the run folders go (default {RUNS})")
+    p.add_argument("--model", help="model folder for every task (default: the envs' own, the shipped tiny model)")
+    p.add_argument("--num-steps", type=int, help="denoising steps (default: the env's)")
+    p.add_argument("--samples-per-epoch", type=int, help="override the presets' samples per epoch (tests)")
+    p.add_argument("--micro-batch", type=int, default=128,
+                   help="(sample, timestep) pairs per training call (default 128; see benchmarks/throughput.py)")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see docs/benchmarks.md)")
+    args = p.parse_args(argv)
+    quick = QUICK if args.quick else dict(budget=1024, seeds=3, tasks=TASKS, eval_samples=64)
+    for k, v in quick.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for name in ("seeds", "budget", "eval_samples", "micro_batch", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    try:
+        args.tasks = [task_id(t) for t in args.tasks]
+    except ValueError as exc:
+        p.error(str(exc))
+    known = registered_algos()
+    args.algos = args.algos or known
+    unknown = [a for a in args.algos if a not in known]
+    if unknown:
+        p.error(f"unknown algorithm(s) {unknown}; registered: {known} (register yours with agents.registry.register_algo)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    plan = [(t, a, s) for t in args.tasks for a in args.algos for s in range(args.seeds)]
+    results, bases, ran = [], {}, 0
+    for task in args.tasks:
+        bases[task] = base_reference(task, args)
+    for i, (task, algo, seed) in enumerate(plan):
+        t0 = time.perf_counter()
+        res, did = run_one(task, algo, seed, args)
+        ran += did
+        results.append(res)
+        state = f"{time.perf_counter() - t0:.0f} s" if did else "done before, skipped"
+        print(f"[{i + 1}/{len(plan)}] {task} {algo} seed {seed}: final reward {res['final_reward']:.4g}, "
+              f"held-out {res['heldout_eval']:.4g}, KL/step {res['kl_to_base']:.3g} ({state})", flush=True)  # fmt: skip
+        write_outputs(results, bases, args, pending=len(plan) - i - 1)
+    out = write_outputs(results, bases, args, pending=0)
+    out["ran"], out["skipped"] = ran, len(plan) - ran
+    print((args.out / "leaderboard.md").read_text())
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,495 @@
+"""Throughput of one full DDPO-IS epoch — sampling, reward, training — and how far it is from its limit.
+
+    python -m benchmarks.throughput [--env ID] [--preset NAME] [--baseline] [--json PATH]
+
+What is measured, in one process:
+
+- **The optimised epoch**: the library's own path (``collect_rollout`` over ``sample_batch_size``
+  lockstep trajectories, then the registered ``ddpo-is`` update on flattened (sample, timestep)
+  micro-batches) with the speed-ups of :class:`~agents.config.TrainConfig` switched on
+  (``micro_batch_size``, and opt-in ``channels_last``, ``autocast_dtype``, ``compile_unet``,
+  ``recompute_old_log_probs``: see ``--micro-batch``, ``--channels-last``, ``--bf16``, ``--compile``).
+- **The baseline epoch** (``--baseline``): the same epoch with every speed-up off, in the style of the
+  reference implementations (TRL's DDPOTrainer, ddpo-pytorch): eager fp32, sampling in batches of 16
+  with a Python loop over steps, training in batches of 16 samples with one forward/backward call per
+  timestep (each sample at its own shuffled timestep) and one optimizer step per batch. Same
+  algorithm, same number of optimizer steps; only the implementation differs. Baseline and
+  optimised epochs are interleaved (B, O, B, O, …) so that load from other jobs hits both alike.
+- **Pure UNet compute**: every UNet call of a timed epoch is recorded (inputs cloned) and replayed
+  alone afterwards on the same inputs, with the same settings (autocast, memory format, compiled or
+  not): forwards without gradients for sampling, forward + backward for training.
+  ``ratio_to_unet = epoch time / pure UNet time`` says how far the implementation is from its limit.
+- **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode`` on the eager UNet at each recorded call
+  shape (matmuls, convolutions and attention; element-wise work is not counted), giving GFLOP/s
+  achieved in the pure UNet time and over the whole epoch, against the machine's fp32 and bf16
+  matmul peaks measured in the same run (a square matmul timed).
+- **Memory**: peak RSS during each epoch on CPU (sampled every 5 ms), ``torch.cuda.max_memory_allocated``
+  on GPU.
+
+Compile time (``--compile``) is paid in the warm-up epoch; timed epochs exclude it, and it is reported
+as ``compile_s`` (warm-up epoch time minus the median timed epoch). Figures go to stdout and, with
+``--json``, to a file (the committed one is ``benchmarks/results/throughput.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+from agents.config import preset_config
+from agents.core import (
+    PerPromptStatTracker,
+    collect_rollout,
+    concat_rollouts,
+    flat_pairs,
+    make_optimizer,
+    optimizer_step,
+)
+from agents.policy import GaussianUNetPolicy
+from agents.registry import get_algo
+from agents.trainer import derive_seed, make_env
+from diffusion_env.components import TINY_MODEL_PATH
+
+DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
+TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
+
+
+# ---------------------------------------------------------------------------------------------- machine
+def machine_info(device: str) -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        pass
+    info = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")),
+        "torch": torch.__version__, "python": platform.python_version(), "device": device,
+        "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }  # fmt: skip
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """GFLOP/s of an ``n × n`` matmul in ``dtype`` (best of repeated timed calls)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, generator=g, device=device).to(dtype)
+    b = torch.randn(n, n, generator=g, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+class PeakMemory:
+    """Peak memory (MB) while the block runs: RSS sampled every 5 ms on CPU, CUDA allocator peak on GPU."""
+
+    def __init__(self, device: str):
+        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+
+    @staticmethod
+    def rss_mb() -> float:
+        try:
+            for line in open("/proc/self/status"):
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak_mb = self.rss_mb()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self.rss_mb())
+
+
+class TimedReward:
+    """Wraps the env's reward function and adds up the seconds spent in it."""
+
+    def __init__(self, fn, device: str):
+        self.fn, self.device, self.seconds = fn, device, 0.0
+
+    def __call__(self, images, prompts):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = self.fn(images, prompts)
+        _sync(self.device)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def __repr__(self) -> str:
+        return repr(self.fn)
+
+
+class UNetRecorder:
+    """Records the inputs of every ``policy.unet_eps`` call while ``on``; replays them alone."""
+
+    def __init__(self, policy: GaussianUNetPolicy):
+        self.policy, self.calls, self.on = policy, [], False
+        self._call = policy.unet_eps
+        policy.unet_eps = self  # instance attribute: guided_eps now calls the recorder
+
+    def __call__(self, x, t, cond):
+        if self.on:
+            self.calls.append((x.detach().clone(), t.clone(), cond.detach().clone(), torch.is_grad_enabled()))
+        return self._call(x, t, cond)
+
+    def replay(self) -> float:
+        """Seconds of the recorded calls run alone (forward; forward + backward for grad-mode calls)."""
+        device = str(self.policy.device)
+        total = 0.0
+        for x, t, cond, grad in self.calls:
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.set_grad_enabled(grad):
+                out = self._call(x, t, cond)
+                if grad:
+                    out.backward(torch.ones_like(out))
+            _sync(device)
+            total += time.perf_counter() - t0
+        for p in self.policy.unet.parameters():
+            p.grad = None
+        return total
+
+    def flops(self) -> int:
+        """FLOPs of the recorded calls (counted on the eager UNet, per distinct shape, scaled by batch)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        unet, per_row, total = self.policy.unet, {}, 0
+        for x, t, cond, grad in self.calls:
+            key = (tuple(x.shape[1:]), tuple(cond.shape[1:]), grad)
+            if key not in per_row:
+                rows = min(4, x.shape[0])
+                counter = FlopCounterMode(display=False)
+                with counter, torch.set_grad_enabled(grad):
+                    out = unet(x[:rows], t[:rows], encoder_hidden_states=cond[:rows]).sample
+                    if grad:
+                        out.backward(torch.ones_like(out))
+                per_row[key] = counter.get_total_flops() / rows
+            total += per_row[key] * x.shape[0]
+        for p in unet.parameters():
+            p.grad = None
+        return int(total)
+
+
+# ---------------------------------------------------------------------------------------------- epochs
+def reference_update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
+    """DDPO-IS trained the way the reference implementations do it (the baseline's update).
+
+    For each batch of ``train_batch_size`` samples: every sample's timesteps in its own random order;
+    for each position j one forward/backward call over the batch (sample i at its j-th timestep), the
+    loss divided by the number of timesteps (gradient accumulation); then one optimizer step.
+    """
+    B, S = rollout.num_samples, rollout.num_steps
+    device = rollout.latents.device
+    first_dev = None
+    policy.unet.train()
+    order = torch.randperm(B, generator=generator)
+    for start in range(0, B, cfg.train_batch_size):
+        idx = order[start : start + cfg.train_batch_size]
+        perms = torch.stack([torch.randperm(S, generator=generator) for _ in range(len(idx))])
+        for j in range(S):
+            sample_idx, step_idx = idx.to(device), perms[:, j].to(device)
+            batch = flat_pairs(rollout, sample_idx, step_idx)
+            log_ratio = policy.log_prob(batch, batch["action"]) - batch["old_log_prob"]
+            ratio = log_ratio.exp()
+            adv = advantages[sample_idx]
+            clipped = ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
+            loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
+            (loss / S).backward()
+            if first_dev is None:
+                first_dev = log_ratio.detach().abs().max()
+        optimizer_step(policy, optimizer, cfg.max_grad_norm)
+    policy.unet.eval()
+    return {"losses/ratio_dev_first": float(first_dev)}
+
+
+def build_side(cfg, name: str) -> SimpleNamespace:
+    """Env, policy, optimizer and stat tracker of one side of the comparison."""
+    env = make_env(cfg)
+    policy = GaussianUNetPolicy.from_env(env, **cfg.policy_kwargs())
+    policy.unet.eval()
+    reward = TimedReward(env.reward_fn, cfg.device)
+    env.reward_fn = reward
+    return SimpleNamespace(
+        name=name, cfg=cfg, env=env, policy=policy, reward=reward, recorder=UNetRecorder(policy),
+        optimizer=make_optimizer(policy.trainable_parameters(), cfg),
+        tracker=PerPromptStatTracker(cfg.per_prompt_buffer_size, cfg.per_prompt_min_count),
+        update=reference_update if name == "baseline" else get_algo(cfg.algo), epochs=[],
+    )  # fmt: skip
+
+
+def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool) -> dict[str, Any]:
+    """One epoch of ``num_samples`` samples: collect (sampling + reward), normalise, update."""
+    cfg, device = side.cfg, side.cfg.device
+    side.reward.seconds = 0.0
+    side.recorder.calls, side.recorder.on = [], record
+    with PeakMemory(device) as mem:
+        _sync(device)
+        t0 = time.perf_counter()
+        parts = []
+        for b in range(num_samples // cfg.sample_batch_size):
+            gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, b, 1))
+            parts.append(collect_rollout(side.env, side.policy, derive_seed(cfg.seed, epoch, b, 0) % 2**31, gen))
+        rollout = concat_rollouts(parts)
+        _sync(device)
+        t1 = time.perf_counter()
+        adv = side.tracker.update(rollout.prompts, rollout.rewards).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 2))
+        metrics = side.update(side.policy, side.optimizer, rollout, adv, cfg, gen, side.tracker)
+        _sync(device)
+        t2 = time.perf_counter()
+    side.recorder.on = False
+    out = {
+        "epoch_s": t2 - t0, "sample_s": t1 - t0 - side.reward.seconds, "reward_s": side.reward.seconds,
+        "train_s": t2 - t1, "peak_mem_mb": mem.peak_mb, "samples": rollout.num_samples,
+        "ratio_dev_first": metrics.get("losses/ratio_dev_first"),
+        "old_log_prob_dev": metrics.get("losses/old_log_prob_dev"),
+        "reward_mean": float(rollout.rewards.mean()),
+    }  # fmt: skip
+    if record:
+        out["unet_calls"] = len(side.recorder.calls)
+        out["unet_pure_s"] = side.recorder.replay()
+        out["ratio_to_unet"] = out["epoch_s"] / out["unet_pure_s"]
+    return out
+
+
+def summarise(side: SimpleNamespace, flops: int, peaks: dict[str, float]) -> dict[str, Any]:
+    timed = side.epochs
+    med = {k: statistics.median(e[k] for e in timed) for k in ("epoch_s", "sample_s", "reward_s", "train_s",
+                                                               "unet_pure_s", "ratio_to_unet")}  # fmt: skip
+    cfg = side.cfg
+    out = {
+        "config": {k: getattr(cfg, k) for k in ("sample_batch_size", "train_batch_size", "micro_batch_size",
+                                                "channels_last", "autocast_dtype", "compile_unet",
+                                                "recompute_old_log_probs")},  # fmt: skip
+        **{f"{k}": v for k, v in med.items()},
+        "samples_per_s": timed[0]["samples"] / med["epoch_s"],
+        "split": {k: med[f"{k}_s"] / med["epoch_s"] for k in ("sample", "reward", "train")},
+        "peak_mem_mb": max(e["peak_mem_mb"] for e in timed),
+        "unet_calls": timed[0]["unet_calls"],
+        "unet_gflop_per_epoch": flops / 1e9,
+        "gflops_in_pure_unet": flops / 1e9 / med["unet_pure_s"],
+        "gflops_over_epoch": flops / 1e9 / med["epoch_s"],
+        "ratio_dev_first": [e["ratio_dev_first"] for e in timed],
+        "old_log_prob_dev": [e["old_log_prob_dev"] for e in timed],
+        "epochs": timed,
+    }
+    peak = peaks["bf16_gflops"] if cfg.autocast_dtype == "bf16" else peaks["fp32_gflops"]
+    out["fraction_of_matmul_peak"] = out["gflops_in_pure_unet"] / peak
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--env", default=DEFAULT_ENV, help=f"registered env ID (default {DEFAULT_ENV})")
+    p.add_argument("--preset", default="tiny", help="agents.config preset for ddpo-is (default tiny)")
+    p.add_argument("--baseline", action="store_true", help="also run the reference-style baseline epoch")
+    p.add_argument("--json", type=Path, help="write the figures to this JSON file")
+    p.add_argument("--model", help="model folder (default: the env's; a random tiny model if that is missing)")
+    p.add_argument("--random-model", choices=("tiny", "micro"),
+                   help="use a random-weight model of this size (benchmarks.tiny_model) instead")  # fmt: skip
+    p.add_argument("--samples", type=int, default=64, help="samples per epoch (default 64)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the env's, 20 for Denoise-Tiny-*)")
+    p.add_argument("--repeats", type=int, default=2, help="timed epochs per side (default 2; median reported)")
+    p.add_argument("--micro-batch", type=int, default=128,
+                   help="optimised side's (sample, timestep) pairs per training call (default 128: 256 UNet rows with CFG)")
+    p.add_argument("--bf16", action="store_true",
+                   help="optimised side under bf16 autocast, old log-probs recomputed in training precision")
+    p.add_argument("--channels-last", action="store_true", help="optimised side in channels_last memory format")
+    p.add_argument("--compile", action="store_true", help="optimised side with torch.compile (slow warm-up)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for both sides (default 1: on a shared 2-core machine, 2 threads "
+                        "were 4-5x slower than 1 when another job held a core)")
+    p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: random micro model, 16 samples x 4 steps, 1 repeat, small peak matmul")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.quick:
+        args.random_model = args.random_model or "micro"
+        args.samples, args.steps, args.repeats, args.peak_n = 16, args.steps or 4, 1, 512
+    for name in ("samples", "repeats", "peak_n", "micro_batch", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    if args.samples % 16:
+        p.error(f"--samples={args.samples}: expected a multiple of 16 (the baseline's batch size)")
+    return args
+
+
+def main(argv=None) -> dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tmp = None
+    model, model_kind = args.model, "given"
+    if args.random_model or (model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env):
+        from benchmarks.tiny_model import build_random_model
+
+        tmp = tempfile.TemporaryDirectory(prefix="throughput-model-")
+        size = args.random_model or "tiny"
+        model, model_kind = str(build_random_model(Path(tmp.name) / size, size=size)), f"random-{size}"
+        print(f"model: random-weight {size} stand-in ({model}); speed does not depend on the weights")
+    elif model is None:
+        model_kind = "env default"
+    env_kwargs = {"model": model} if model else {}
+    common = dict(env_id=args.env, env_kwargs=env_kwargs, device=args.device, progress=False,
+                  samples_per_epoch=args.samples, num_steps=args.steps)  # fmt: skip
+    opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
+        sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
+        micro_batch_size=args.micro_batch, channels_last=args.channels_last,
+        autocast_dtype="bf16" if args.bf16 else None, compile_unet=args.compile, recompute_old_log_probs=args.bf16,
+    ).validate()  # fmt: skip
+    sides = [build_side(opt_cfg, "optimised")]
+    if args.baseline:
+        base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
+            sample_batch_size=16, train_batch_size=16, channels_last=False, autocast_dtype=None, compile_unet=False,
+            recompute_old_log_probs=False,
+        ).validate()  # fmt: skip
+        sides.insert(0, build_side(base_cfg, "baseline"))
+    env = sides[-1].env
+    settings = {"env_id": args.env, "model": model or "env default", "model_kind": model_kind,
+                "unet_params_m": sum(p.numel() for p in sides[-1].policy.unet.parameters()) / 1e6,
+                "samples_per_epoch": args.samples, "num_steps": env.num_steps, "guidance_scale": env.guidance_scale,
+                "preset": args.preset, "algo": "ddpo-is", "timestep_fraction": opt_cfg.timestep_fraction,
+                "num_inner_epochs": opt_cfg.num_inner_epochs, "lora_rank": opt_cfg.lora_rank,
+                "repeats": args.repeats}  # fmt: skip
+    print(json.dumps(settings))
+
+    # 1. Matmul peaks.
+    peaks = {"matmul_n": args.peak_n,
+             "fp32_gflops": matmul_peak_gflops(torch.float32, args.device, args.peak_n),
+             "bf16_gflops": matmul_peak_gflops(torch.bfloat16, args.device, args.peak_n)}  # fmt: skip
+    print(f"matmul peaks (n={args.peak_n}): fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
+
+    # 2. Warm-up: a full optimised epoch (compiles every shape); a one-batch baseline epoch.
+    warm = {}
+    for side in sides:
+        n = args.samples if side.name == "optimised" else side.cfg.sample_batch_size
+        t0 = time.perf_counter()
+        run_epoch(side, 10_000, n, record=False)
+        warm[side.name] = time.perf_counter() - t0
+        print(f"warm-up {side.name}: {warm[side.name]:.1f} s ({n} samples)")
+
+    # 3. Timed epochs, interleaved, each replayed alone afterwards.
+    for r in range(args.repeats):
+        for side in sides:
+            e = run_epoch(side, r, args.samples, record=True)
+            side.epochs.append(e)
+            print(f"{side.name:9s} epoch {r}: {e['epoch_s']:.2f} s (sample {e['sample_s']:.2f}, reward "
+                  f"{e['reward_s']:.3f}, train {e['train_s']:.2f}); pure UNet {e['unet_pure_s']:.2f} s "
+                  f"-> ratio {e['ratio_to_unet']:.3f}; peak {e['peak_mem_mb']:.0f} MB")  # fmt: skip
+
+    # 4. FLOPs and summary.
+    result: dict[str, Any] = {"machine": machine_info(args.device), "settings": settings, "peaks": peaks}
+    for side in sides:
+        result[side.name] = summarise(side, side.recorder.flops(), peaks)
+    opt = result["optimised"]
+    if opt_cfg.compile_unet:
+        opt["compile_s"] = warm["optimised"] - opt["epoch_s"]
+        opt["compile_note"] = "warm-up epoch minus median timed epoch; excluded from epoch_s"
+    checks = {"ratio_to_unet_ok": opt["ratio_to_unet"] <= TARGETS["ratio_to_unet_max"]}
+    if args.baseline:
+        result["speedup"] = result["baseline"]["epoch_s"] / opt["epoch_s"]
+        result["speedup_per_repeat"] = [b["epoch_s"] / o["epoch_s"] for b, o in
+                                        zip(result["baseline"]["epochs"], opt["epochs"])]  # fmt: skip
+        result["unet_compute_speedup"] = result["baseline"]["unet_pure_s"] / opt["unet_pure_s"]
+        checks["speedup_ok"] = result["speedup"] >= TARGETS["speedup_min"]
+    result["targets"] = {**TARGETS, **checks}
+    result["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
+        print(f"wrote {args.json}")
+    for side in sides:
+        side.env.close()
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return repr(obj)
+
+
+def report(result: dict[str, Any]) -> None:
+    peaks = result["peaks"]
+    print(f"\n{'side':10s} {'epoch s':>8s} {'samples/s':>9s} {'sample':>7s} {'reward':>7s} {'train':>7s} "
+          f"{'UNet s':>7s} {'ratio':>6s} {'GFLOP/s':>8s} {'of peak':>7s} {'peak MB':>8s}")  # fmt: skip
+    for name in ("baseline", "optimised"):
+        if name not in result:
+            continue
+        s = result[name]
+        print(f"{name:10s} {s['epoch_s']:8.2f} {s['samples_per_s']:9.2f} {s['split']['sample']:7.1%} "
+              f"{s['split']['reward']:7.1%} {s['split']['train']:7.1%} {s['unet_pure_s']:7.2f} "
+              f"{s['ratio_to_unet']:6.3f} {s['gflops_in_pure_unet']:8.1f} {s['fraction_of_matmul_peak']:7.1%} "
+              f"{s['peak_mem_mb']:8.0f}")  # fmt: skip
+    print(f"matmul peaks: fp32 {peaks['fp32_gflops']:.1f}, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
+    if "speedup" in result:
+        print(f"speed-up (baseline / optimised epoch): {result['speedup']:.2f}x "
+              f"(per repeat {', '.join(f'{x:.2f}' for x in result['speedup_per_repeat'])}); "
+              f"UNet compute alone {result['unet_compute_speedup']:.2f}x")  # fmt: skip
+    opt = result["optimised"]
+    print(f"first-minibatch |log ratio| max: {opt['ratio_dev_first']} (clip range 1e-4); "
+          f"recomputed old log-prob deviation: {opt['old_log_prob_dev']}")  # fmt: skip
+    if "compile_s" in opt:
+        print(f"compile: {opt['compile_s']:.1f} s ({opt['compile_note']})")
+    print("targets:", json.dumps(result["targets"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Smoke tests of the benchmarks on a random micro model: structure and consistency of what they write."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from agents import registry
+from agents.core import flat_pairs, optimizer_step
+
+
+@pytest.fixture(scope="module")
+def micro_model(tmp_path_factory):
+    from benchmarks.tiny_model import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("micro") / "model", size="micro")
+
+
+def test_random_model_sizes_are_checked(tmp_path):
+    from benchmarks.tiny_model import build_random_model
+
+    with pytest.raises(ValueError, match="expected one of"):
+        build_random_model(tmp_path, size="huge")
+
+
+def test_throughput_quick_reports_consistent_figures(micro_model, tmp_path):
+    from benchmarks import throughput
+
+    out = tmp_path / "t.json"
+    result = throughput.main(["--quick", "--baseline", "--model", str(micro_model), "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["speedup"] == pytest.approx(result["speedup"])
+    assert {"machine", "settings", "peaks", "baseline", "optimised", "targets"} <= set(saved)
+    assert saved["machine"]["cpu_cores"] >= 1 and saved["machine"]["torch"] == torch.__version__
+    assert saved["peaks"]["fp32_gflops"] > 0 and saved["peaks"]["bf16_gflops"] > 0
+    steps, samples = saved["settings"]["num_steps"], saved["settings"]["samples_per_epoch"]
+    assert (steps, samples) == (4, 16)
+    for name in ("baseline", "optimised"):
+        side = saved[name]
+        for key in ("epoch_s", "sample_s", "train_s", "unet_pure_s", "ratio_to_unet", "samples_per_s",
+                    "gflops_in_pure_unet", "peak_mem_mb", "unet_gflop_per_epoch"):  # fmt: skip
+            assert side[key] > 0, (name, key)
+        assert sum(side["split"].values()) == pytest.approx(1.0)
+        assert side["samples_per_s"] == pytest.approx(samples / side["epoch_s"])
+        # The PPO ratio of the first minibatch starts at 1: the old log-probs match the training ones.
+        assert max(side["ratio_dev_first"]) < 1e-4
+    # Every UNet call was recorded: sampling (one per step and sample batch) plus training calls.
+    base, opt = saved["baseline"], saved["optimised"]
+    assert base["unet_calls"] == 2 * steps * samples // 16  # 16-sample batches; one call per timestep
+    c = opt["config"]
+    train_calls = samples // c["train_batch_size"] * math.ceil(c["train_batch_size"] * steps / c["micro_batch_size"])
+    assert opt["unet_calls"] == steps * samples // c["sample_batch_size"] + train_calls
+    # Same epoch, same UNet FLOPs whichever way it is batched.
+    assert opt["unet_gflop_per_epoch"] == pytest.approx(base["unet_gflop_per_epoch"], rel=1e-6)
+    assert saved["speedup"] == pytest.approx(base["epoch_s"] / opt["epoch_s"])
+
+
+def test_throughput_rejects_bad_options():
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--samples", "10"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--repeats", "0"])
+
+
+def _plain_reinforce(policy, optimizer, rollout, advantages, cfg, generator, tracker=None):
+    S = rollout.num_steps
+    s = torch.arange(rollout.num_samples).repeat_interleave(S)
+    j = torch.arange(S).repeat(rollout.num_samples)
+    batch = flat_pairs(rollout, s, j)
+    (-(advantages[s] * policy.log_prob(batch, batch["action"])).mean()).backward()
+    norm, _ = optimizer_step(policy, optimizer, cfg.max_grad_norm)
+    return {"losses/grad_norm": norm}
+
+
+def test_leaderboard_quick_resumes_and_includes_user_algorithms(micro_model, tmp_path):
+    from benchmarks import leaderboard
+
+    registry.register_algo("test-reinforce", _plain_reinforce, override=True)
+    try:
+        argv = ["--quick", "--model", str(micro_model), "--num-steps", "3", "--samples-per-epoch", "8",
+                "--budget", "16", "--eval-samples", "4", "--tasks", "Compressibility",
+                "--algos", "ddpo-is", "test-reinforce", "--out", str(tmp_path / "out"), "--runs", str(tmp_path / "runs")]  # fmt: skip
+        first = leaderboard.main(argv)
+        assert (first["ran"], first["skipped"]) == (2, 0)
+        saved = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+        assert saved["complete"] and saved["budget"] == 16
+        assert {r["algo"] for r in saved["rows"]} == {"base model", "ddpo-is", "test-reinforce"}
+        for run in saved["runs"]:
+            assert run["reward_queries"] == 16 and len(run["curve"]) == 2  # 2 epochs of 8 samples
+            assert run["kl_to_base"] >= 0 and run["kl_path"] >= run["kl_to_base"]
+            for key in ("final_reward", "train_eval", "heldout_eval"):
+                assert math.isfinite(run[key])
+        base = next(r for r in saved["rows"] if r["algo"] == "base model")
+        assert base["kl_to_base"][0] == 0.0  # the base model is its own reference
+        assert (tmp_path / "out" / "leaderboard_Compressibility.png").stat().st_size > 0
+        assert "test-reinforce" in (tmp_path / "out" / "leaderboard.md").read_text()
+
+        # Finished runs are skipped; a run without its result resumes from its checkpoint.
+        again = leaderboard.main(argv)
+        assert (again["ran"], again["skipped"]) == (0, 2)
+        run_dir = tmp_path / "runs" / "Denoise-Tiny-Compressibility-v0" / "ddpo-is" / "seed0"
+        (run_dir / "result.json").unlink()
+        resumed = leaderboard.main(argv)
+        assert (resumed["ran"], resumed["skipped"]) == (1, 1)
+        redone = json.loads((run_dir / "result.json").read_text())
+        assert redone["resumed"] and redone["reward_queries"] == 16
+    finally:
+        registry._ALGOS.pop("test-reinforce", None)
+
+
+def test_leaderboard_rejects_unknown_tasks_and_algorithms():
+    from benchmarks import leaderboard
+
+    with pytest.raises(SystemExit):
+        leaderboard.parse_args(["--tasks", "Nope"])
+    with pytest.raises(SystemExit):
+        leaderboard.parse_args(["--algos", "not-an-algo"])
+
+
+# ---------------------------------------------------------------------------------------------- speed-ups
+def _rollout_and_policy(tiny_sd, **policy_kwargs):
+    from agents.core import collect_rollout
+    from agents.policy import GaussianUNetPolicy
+    from diffusion_env.components import load_unet
+    from tests.conftest import make_env
+
+    env = make_env(tiny_sd, num_envs=4)
+    torch.manual_seed(0)
+    policy = GaussianUNetPolicy(load_unet(tiny_sd), env, **policy_kwargs)
+    rollout = collect_rollout(env, policy, seed=3, generator=torch.Generator().manual_seed(4))
+    return policy, rollout
+
+
+def _update(policy, rollout, **cfg_changes):
+    from agents import ddpo_is
+    from agents.config import TrainConfig
+    from agents.core import make_optimizer
+
+    cfg = TrainConfig(samples_per_epoch=4, sample_batch_size=4, train_batch_size=2, micro_batch_size=3,
+                      num_inner_epochs=2, learning_rate=1e-3, **cfg_changes)  # fmt: skip
+    opt = make_optimizer(policy.trainable_parameters(), cfg)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    metrics = ddpo_is.update(policy, opt, rollout, adv, cfg, torch.Generator().manual_seed(5))
+    return metrics, torch.cat([p.detach().flatten() for p in policy.trainable_parameters()])
+
+
+def test_recompute_old_log_probs_changes_nothing_in_fp32(tiny_sd):
+    policy, rollout = _rollout_and_policy(tiny_sd)
+    start = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    plain, w_plain = _update(policy, rollout)
+    policy.unet.load_state_dict(start)
+    again, w_again = _update(policy, rollout, recompute_old_log_probs=True)
+    assert "losses/old_log_prob_dev" not in plain
+    assert 0 <= again["losses/old_log_prob_dev"] < 1e-5  # fp32: recomputed = sampled up to rounding
+    assert again["losses/optimizer_steps"] == plain["losses/optimizer_steps"] == 4  # same draws, same steps
+    torch.testing.assert_close(w_again, w_plain, rtol=0, atol=1e-4)  # an Adam step moves weights ~1e-3
+
+
+def test_bf16_policy_with_recomputed_old_log_probs_starts_at_ratio_one(tiny_sd):
+    policy, rollout = _rollout_and_policy(tiny_sd, autocast_dtype="bf16", channels_last=True)
+    metrics, _ = _update(policy, rollout, recompute_old_log_probs=True, autocast_dtype="bf16", channels_last=True)
+    assert metrics["losses/ratio_dev_first"] < 1e-6  # recomputed in the very micro-batch it is compared in
+    assert metrics["losses/old_log_prob_dev"] >= 0
+
+
+def test_speed_options_keep_the_policy_numerically_close(tiny_sd):
+    from agents.policy import GaussianUNetPolicy
+    from diffusion_env.components import load_unet
+    from tests.conftest import make_env
+
+    env = make_env(tiny_sd, num_envs=3)
+    obs, _ = env.reset(seed=0)
+    ref = GaussianUNetPolicy(load_unet(tiny_sd), env).distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
+    cl = GaussianUNetPolicy(load_unet(tiny_sd), env, channels_last=True)
+    torch.testing.assert_close(cl.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5)
+    bf = GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="bf16")
+    mean = bf.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
+    assert mean.dtype == torch.float32
+    assert float((mean - ref).norm() / ref.norm()) < 0.05  # bf16 rounding, amplified by guidance 5
+    with pytest.raises(ValueError, match="autocast_dtype"):
+        GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="int8")
