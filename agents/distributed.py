@@ -136,13 +136,13 @@ class DistContext:
         """Gather a JSON-serialisable object from every process (as UTF-8 bytes; no pickle)."""
         if not self.enabled:
             return [obj]
-        data = torch.tensor(list(json.dumps(obj).encode()), dtype=torch.uint8, device=self.comm_device)
+        data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(self.comm_device)
         sizes = self.all_gather_equal(torch.tensor([data.numel()], device=self.comm_device))
         padded = torch.zeros(int(sizes.max()), dtype=torch.uint8, device=self.comm_device)
         padded[: data.numel()] = data
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return [json.loads(bytes(p[: int(n)].cpu().tolist()).decode()) for p, n in zip(parts, sizes.tolist())]
+        return [json.loads(p[: int(n)].cpu().numpy().tobytes().decode()) for p, n in zip(parts, sizes.tolist())]
 
     def all_gather_equal(self, tensor: torch.Tensor) -> torch.Tensor:
         """Concatenate equally-shaped tensors of every process along dim 0, in rank order."""
@@ -170,17 +170,21 @@ class DistContext:
         """Sum the gradients of ``params`` over processes, in place, as one flat buffer.
 
         A parameter without a gradient on some process (it owned no pair of this step) counts as
-        zeros there; after the call every process holds the same gradient for every parameter.
+        zeros there; one without a gradient on every process keeps ``grad = None``, as in one process
+        (so AdamW skips it there too). Afterwards every process holds the same gradients.
         """
         if not self.enabled or not params:
             return
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+                         + [has_grad])  # fmt: skip
         flat = flat.to(self.comm_device)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        has_grad = flat[-len(params) :].tolist()
         offset = 0
-        for p in params:
+        for p, anywhere in zip(params, has_grad):
             n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype)
+            p.grad = flat[offset : offset + n].view_as(p).to(device=p.device, dtype=p.dtype) if anywhere else None
             offset += n
 
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:

@@ -52,7 +52,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_workers(spec: dict, tmp_path: Path, nproc: int = 2) -> tuple[list[int], list[str]]:
+def run_workers(spec: dict, tmp_path: Path, nproc: int = 2, argv: list[str] | None = None) -> tuple[list[int], list[str]]:
     """Run the worker on ``nproc`` processes; returns exit codes and logs. Fails the test (after killing
     them) if they are not all done within LAUNCH_TIMEOUT_S."""
     spec_path = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.json"
@@ -65,7 +65,7 @@ def run_workers(spec: dict, tmp_path: Path, nproc: int = 2) -> tuple[list[int], 
                    PYTHONPATH=str(ROOT), DENOISE_DIST_TIMEOUT_S="120")  # fmt: skip
         log = open(tmp_path / f"{spec_path.stem}-rank{rank}.log", "w+")
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(spec_path)], env=env, cwd=ROOT,
+        procs.append(subprocess.Popen(argv or [sys.executable, str(WORKER), str(spec_path)], env=env, cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
     try:
         codes = [p.wait(timeout=LAUNCH_TIMEOUT_S) for p in procs]
@@ -185,6 +185,41 @@ def test_indivisible_sizes_are_refused_with_the_rule():
     with pytest.raises(ValueError, match="expected device='cuda'"):
         DistContext(0, 2).check_config(TrainConfig(samples_per_epoch=4, sample_batch_size=2, device="cuda:0"))
     DistContext().check_config(cfg)  # one process: any multiple of sample_batch_size
+
+
+COLLECTIVES = """
+import json, sys, torch
+from agents import distributed
+ctx = distributed.init()
+r = ctx.rank
+params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(3)]
+params[0].grad = torch.full((2,), float(r + 1))    # both ranks: summed
+params[1].grad = torch.full((2,), 5.0) if r == 1 else None  # one rank: the other counts zeros
+ctx.all_reduce_grads(params)                         # params[2]: no rank has a gradient
+out = {"grads": [None if p.grad is None else p.grad.tolist() for p in params],
+       "gathered": ctx.all_gather_json({"rank": r, "text": "é\\x00" * (r + 1)}),
+       "any": [ctx.any(r == 1), ctx.any(False)], "shard": list(ctx.shard_range(6))}
+try:
+    ctx.on_main(lambda: 1 / 0)
+except Exception as exc:
+    out["on_main"] = f"{type(exc).__name__}: {exc}"
+open(sys.argv[1] + f"-{r}.json", "w").write(json.dumps(out))
+distributed.shutdown()
+"""
+
+
+@pytest.mark.timeout(300)
+def test_collectives_on_two_processes(tmp_path):
+    codes, texts = run_workers({}, tmp_path, argv=[sys.executable, "-c", COLLECTIVES, str(tmp_path / "res")])
+    assert codes == [0, 0], texts
+    res = [json.loads((tmp_path / f"res-{r}.json").read_text()) for r in range(2)]
+    for r, out in enumerate(res):
+        assert out["grads"] == [[3.0, 3.0], [5.0, 5.0], None]  # a gradient nobody has stays None
+        assert out["gathered"] == [{"rank": 0, "text": "é\x00"}, {"rank": 1, "text": "é\x00é\x00"}]
+        assert out["any"] == [True, False]
+        assert out["shard"] == [[0, 1, 2], [3, 4, 5]][r]
+    assert res[0]["on_main"] == "ZeroDivisionError: division by zero"  # the main process re-raises
+    assert res[1]["on_main"] == "RuntimeError: the main process failed: ZeroDivisionError: division by zero"
 
 
 def test_sharding_helpers_in_one_process_are_identities():
