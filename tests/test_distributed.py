@@ -8,6 +8,7 @@ runs here, without any launcher.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -137,11 +138,12 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     _compare(ref_lora_state1, out, "lora", report)
     _compare(ref_rwr.trainable_state(), out, "rwr", report)
     _compare(ref_sf.trainable_state(), out, "sf", report)
-    # Same samples as one process (sharded by global batch index): rewards agree exactly.
+    # Same samples as one process (sharded by global batch index): the rewards agree (bit for bit here;
+    # 1e-6 leaves room for thread-count-dependent rounding in the UNet, the workers use 1 thread).
     hist = json.loads((out / "lora-rank0.json").read_text())
     assert hist["world_size"] == 2
-    assert hist["history"][0]["charts/reward_mean"] == ref_lora.history[0]["charts/reward_mean"]
-    assert hist["history"][0]["charts/reward_std"] == ref_lora.history[0]["charts/reward_std"]
+    for key in ("charts/reward_mean", "charts/reward_std"):
+        assert math.isclose(hist["history"][0][key], ref_lora.history[0][key], rel_tol=1e-6), key
     assert hist["history"][0]["charts/reward_queries"] == 8
     # Only the main process wrote the run directory; the checkpoint is complete.
     run = Path(lora["run_dir"])
@@ -158,7 +160,7 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1]
     assert (run / "checkpoints" / "latest").read_text() == "ckpt-0002"
     for a, b in zip(_strip(rows), _strip(ref_lora.history)):
-        assert a["charts/reward_mean"] == b["charts/reward_mean"]
+        assert math.isclose(a["charts/reward_mean"], b["charts/reward_mean"], rel_tol=1e-6)
         assert a["losses/optimizer_steps"] == b["losses/optimizer_steps"]
     (tmp_path.parent / f"{tmp_path.name}-param-diff.json").write_text(json.dumps(report))
     print(f"max |2-process - 1-process| parameter difference: {report}")
