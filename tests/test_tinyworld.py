@@ -200,3 +200,63 @@ def test_build_merges_makes_each_word_one_token_even_with_shared_prefixes():
         assert _apply(_symbols(w), ranks) == [w + "</w>"]
     with pytest.raises(ValueError, match="lower-case word"):
         build_merges(["Red"])
+
+
+# ------------------------------------------------------------------------------------- shipped model
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from diffusion_env.tiny.sample import ASSET_DIR, load_tiny
+
+    assert (ASSET_DIR / "model_index.json").is_file(), f"the shipped tiny model is missing from {ASSET_DIR}"
+    # one intra-op thread: the model is tiny, and on a busy 2-core machine two threads are ~30x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_tiny(ASSET_DIR)
+    torch.set_num_threads(threads)
+
+
+def test_shipped_model_loads_offline_with_sd_classes(tiny_model, monkeypatch):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusion_env.tiny.sample import ASSET_DIR
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    path = str(ASSET_DIR)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    assert unet.config.sample_size == 8 and unet.config.in_channels == unet.config.out_channels == 4
+    assert unet.config.cross_attention_dim == text.config.hidden_size
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 3  # 32 -> 8
+    assert sched.config.num_train_timesteps == 1000 and not sched.config.set_alpha_to_one
+    assert not sched.config.clip_sample and sched.config.steps_offset == 1
+    assert sched.config.prediction_type == "epsilon"
+    assert text.config.vocab_size == len(tok)
+    for w in words():
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1
+    # the VAE's scaling factor makes scaled latents about unit variance on world images
+    images, _ = sample_dataset(64, seed=2, split="train")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample() * vae.config.scaling_factor
+    assert 0.7 < z.std().item() < 1.4
+    total = sum(f.stat().st_size for f in ASSET_DIR.rglob("*") if f.is_file())
+    assert total <= 30e6
+
+
+def test_sampling_is_deterministic_at_fixed_seeds(tiny_model):
+    from diffusion_env.tiny.sample import sample
+
+    prompts = ["a small red circle", "a blue square above a green triangle"]
+    a = sample(tiny_model, prompts, seed=7, steps=4)
+    b = sample(tiny_model, prompts, seed=7, steps=4)
+    c = sample(tiny_model, prompts, seed=8, steps=4)
+    assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
