@@ -260,3 +260,47 @@ def test_sampling_is_deterministic_at_fixed_seeds(tiny_model):
     assert a.shape == (2, 3, 32, 32) and a.dtype == torch.uint8
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_pretraining_is_reproducible_from_a_seed(tmp_path):
+    """A few steps of the real pretraining script, twice with one seed and once with another."""
+    from safetensors.torch import load_file
+
+    from diffusion_env.tiny import pretrain
+
+    threads = torch.get_num_threads()
+
+    def run(seed: int, name: str):
+        out = tmp_path / name
+        pretrain.main(
+            ["--out", str(out), "--seed", str(seed), "--vae-steps", "2", "--unet-steps", "2",
+             "--batch", "4", "--vae-batch", "4"]
+        )
+        return out
+
+    try:
+        a, b, c = run(0, "a"), run(0, "b"), run(1, "c")
+    finally:
+        torch.set_num_threads(threads)
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (a / sub).is_dir()
+    assert (a / "model_index.json").is_file() and (a / "train_log.jsonl").is_file()
+    wa = load_file(a / "unet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(b / "unet" / "diffusion_pytorch_model.safetensors")
+    wc = load_file(c / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    va = load_file(a / "vae" / "diffusion_pytorch_model.safetensors")
+    vb = load_file(b / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(va[k], vb[k]) for k in va)
+    summary = json.loads((a / "train_summary.json").read_text())
+    assert summary["unet_steps"] == 2 and summary["seed"] == 0
+
+
+def test_pretrain_rejects_bad_arguments():
+    from diffusion_env.tiny import pretrain
+
+    with pytest.raises(ValueError, match="--unet-steps=0; expected a positive integer"):
+        pretrain.parse_args(["--unet-steps", "0"])
+    with pytest.raises(ValueError, match="caption-dropout"):
+        pretrain.parse_args(["--caption-dropout", "1.5"])
