@@ -270,8 +270,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", help="model folder for every task (default: the envs' own, the shipped tiny model)")
     p.add_argument("--num-steps", type=int, help="denoising steps (default: the env's)")
     p.add_argument("--samples-per-epoch", type=int, help="override the presets' samples per epoch (tests)")
-    p.add_argument("--micro-batch", type=int, default=128,
-                   help="(sample, timestep) pairs per training call (default 128; see benchmarks/throughput.py)")  # fmt: skip
+    p.add_argument("--micro-batch", type=int, default=160,
+                   help="(sample, timestep) pairs per training call (default 160; see benchmarks/throughput.py)")  # fmt: skip
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see docs/benchmarks.md)")
     args = p.parse_args(argv)
     quick = QUICK if args.quick else dict(budget=1024, seeds=3, tasks=TASKS, eval_samples=64)
@@ -296,7 +296,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    plan = [(t, a, s) for t in args.tasks for a in args.algos for s in range(args.seeds)]
+    # Seed-major order: a leaderboard stopped early still has every (task, algorithm) at seed 0.
+    plan = [(t, a, s) for s in range(args.seeds) for t in args.tasks for a in args.algos]
     results, bases, ran = [], {}, 0
     for task in args.tasks:
         bases[task] = base_reference(task, args)
