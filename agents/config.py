@@ -61,6 +61,9 @@ class TrainConfig:
     samples_per_epoch: int = 64
     # Lockstep trajectories per environment episode (the env's num_envs).
     sample_batch_size: int = 64
+    # Trajectories per drawn prompt in a sample batch (1: every trajectory draws its own prompt). Groups
+    # of repeated prompts give per-prompt statistics and RWR's per-prompt weights something to compare.
+    samples_per_prompt: int = 1
     # Samples whose (sample, timestep) pairs make one optimizer step. Divides samples_per_epoch.
     train_batch_size: int = 64
     # (sample, timestep) pairs per forward/backward call (memory bound); gradients accumulate over calls.
@@ -164,6 +167,13 @@ class TrainConfig:
                 f"train_batch_size={self.train_batch_size} does not divide samples_per_epoch="
                 f"{self.samples_per_epoch}: choose a divisor, e.g. {_largest_divisor(self.samples_per_epoch, self.train_batch_size)}"
             )
+        if isinstance(self.samples_per_prompt, int) and (
+            self.samples_per_prompt < 1 or self.sample_batch_size % self.samples_per_prompt
+        ):
+            errors.append(
+                f"samples_per_prompt={self.samples_per_prompt}: expected a positive divisor of "
+                f"sample_batch_size={self.sample_batch_size}"
+            )
         if not 0 < self.timestep_fraction <= 1:
             errors.append(f"timestep_fraction={self.timestep_fraction}: expected 0 < fraction <= 1")
         if self.eta is not None and not self.eta > 0:
@@ -254,8 +264,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # pairs were clipped and learning stalled (d 0.40 vs 0.55 after 512 queries in a side-by-side trial).
         "ddpo-is": dict(_TINY_COMMON, train_batch_size=16, num_inner_epochs=1, clip_range=1e-3),
         "ddpo-sf": dict(_TINY_COMMON, train_batch_size=64, num_inner_epochs=1),
-        "rwr": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=1e-4),
-        "rwr-sparse": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=1e-4),
+        # RWR weighs samples within each prompt, so its batches repeat prompts (8 prompts × 8 samples);
+        # with one sample per prompt every weight is 1 and RWR degenerates into self-distillation.
+        "rwr": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
+                    samples_per_prompt=8),  # fmt: skip
+        "rwr-sparse": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
+                           samples_per_prompt=8),  # fmt: skip
     },
 }
 

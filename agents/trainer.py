@@ -150,8 +150,16 @@ class Trainer:
         for b in self.dist.shard_range(cfg.samples_per_epoch // cfg.sample_batch_size):  # global batch index
             gen = torch.Generator(device=self.policy.device).manual_seed(derive_seed(cfg.seed, epoch, b, 1))
             env_seed = derive_seed(cfg.seed, epoch, b, 0) % (2**31)
-            parts.append(collect_rollout(self.env, self.policy, env_seed, gen))
+            parts.append(collect_rollout(self.env, self.policy, env_seed, gen, prompts=self.batch_prompts(epoch, b)))
         return concat_rollouts(parts)
+
+    def batch_prompts(self, epoch: int, batch: int) -> list[str] | None:
+        """Prompts of one sample batch when ``samples_per_prompt`` > 1: each drawn prompt repeated."""
+        spp = self.cfg.samples_per_prompt
+        if spp == 1:
+            return None  # the env draws one prompt per trajectory itself
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, epoch, batch, 3))
+        return [p for _ in range(self.cfg.sample_batch_size // spp) for p in [self.env.prompt_sampler(rng)] * spp]
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> list[dict[str, Any]]:

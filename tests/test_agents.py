@@ -227,3 +227,14 @@ def test_async_rewards_train_identically(tiny_sd, tmp_path):
         cfg = _cfg(tiny_sd, tmp_path / str(flag), num_epochs=2, async_rewards=flag)
         hist[flag] = _strip(Trainer(cfg).train())
     assert hist[False] == hist[True]
+
+
+def test_samples_per_prompt_repeats_prompts(tiny_sd, tmp_path):
+    cfg = _cfg(tiny_sd, tmp_path, num_epochs=1, samples_per_prompt=2, algo="rwr",
+               env_kwargs=dict(model=str(tiny_sd), height=16, width=16, prompts=[f"p{i}" for i in range(50)]))
+    tr = Trainer(cfg)
+    rollout = tr.collect(0)
+    prompts = rollout.prompts
+    assert len(prompts) == 8 and all(prompts[i] == prompts[i + 1] for i in range(0, 8, 2))
+    assert len(set(prompts)) > 1
+    assert tr.collect(0).prompts == prompts  # seeded by (seed, epoch, batch)
