@@ -50,7 +50,8 @@ def measure(num_envs: int = 64, num_steps: int = 20, episodes: int = 3, model: s
                     t_term = time.perf_counter()
                 s0 = time.perf_counter()
                 obs, *_ = env.step(action)
-                step_only += time.perf_counter() - s0
+                if j < num_steps - 1:  # the terminal step (decode + reward) is reported on its own
+                    step_only += time.perf_counter() - s0
             t_end = time.perf_counter()
             if ep == 0:
                 continue
@@ -70,7 +71,7 @@ def measure(num_envs: int = 64, num_steps: int = 20, episodes: int = 3, model: s
         "step_loop_ms_per_step": 1e3 * loop_s / steps,
         "unet_ms_per_step": 1e3 * unet_s / steps,
         "env_overhead_ms_per_step": 1e3 * (loop_s - unet_s) / steps,
-        "env_step_alone_ms_per_step": 1e3 * env_step_s / steps,
+        "env_step_alone_ms_per_step": 1e3 * env_step_s / (episodes * max(num_steps - 1, 1)),
         "overhead_fraction": (loop_s - unet_s) / loop_s,
         "terminal_decode_reward_ms": 1e3 * terminal_s / episodes,
         "episode_s": (loop_s + terminal_s) / episodes,
@@ -84,7 +85,10 @@ def main() -> None:
     p.add_argument("--num-steps", type=int, default=20)
     p.add_argument("--episodes", type=int, default=3)
     p.add_argument("--model", choices=["random-tiny", "tiny-pretrained"], default="random-tiny")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     print(json.dumps(measure(a.num_envs, a.num_steps, a.episodes, a.model), indent=1))
 
 
