@@ -158,6 +158,14 @@ class PerPromptStatTracker:
         return {p: float(np.mean(b)) for p, b in self.buffers.items() if b}
 
 
+def prompt_groups(prompts: Sequence[str], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Indices of the samples of each distinct prompt, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(p, []).append(i)
+    return [torch.tensor(idx, device=device) for idx in groups.values()]
+
+
 def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Optimizer:
     """AdamW with DDPO appendix A.6's settings (taken from the run config)."""
     if not params:

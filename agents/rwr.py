@@ -16,18 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from agents.core import optimizer_step
+from agents.core import optimizer_step, prompt_groups
 from agents.distributed import all_reduce_sum, local_samples
 
 
 def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
     """softmax(scores) within each group of equal prompts: weights of every prompt sum to 1."""
     weights = torch.empty_like(scores)
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p, []).append(i)
-    for idx in groups.values():
-        ix = torch.tensor(idx, device=scores.device)
+    for ix in prompt_groups(prompts, scores.device):
         weights[ix] = torch.softmax(scores[ix], dim=0)
     return weights
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from agents.core import PerPromptStatTracker
+from agents.core import PerPromptStatTracker, prompt_groups
 from agents.rwr import weighted_denoising_update
 
 
@@ -18,11 +18,7 @@ def sparse_weights(prompts, rewards: torch.Tensor, tracker: PerPromptStatTracker
     """Binary keep-mask by per-prompt quantile, normalised so every prompt with kept samples sums to 1."""
     keep = (rewards >= tracker.threshold(prompts, rewards, quantile)).float()
     weights = torch.zeros_like(rewards)
-    groups: dict[str, list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(p, []).append(i)
-    for idx in groups.values():
-        ix = torch.tensor(idx, device=rewards.device)
+    for ix in prompt_groups(prompts, rewards.device):
         total = keep[ix].sum()
         if total > 0:
             weights[ix] = keep[ix] / total
