@@ -86,7 +86,6 @@ def machine_info(device: str) -> dict[str, Any]:
         "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cpu_bf16": any(f in flags.split() for f in ("avx512_bf16", "amx_bf16")),
         "torch": torch.__version__, "python": platform.python_version(), "device": device,
-        "load_avg_1min_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }  # fmt: skip
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -378,6 +377,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tmp = None
     model, model_kind = args.model, "given"
     if args.random_model or (model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env):
@@ -388,7 +388,7 @@ def main(argv=None) -> dict[str, Any]:
         model, model_kind = str(build_random_model(Path(tmp.name) / size, size=size)), f"random-{size}"
         print(f"model: random-weight {size} stand-in ({model}); speed does not depend on the weights")
     elif model is None:
-        model_kind = "env default"
+        model_kind = "shipped tiny model" if "Tiny" in args.env else "env default"
     env_kwargs = {"model": model} if model else {}
     common = dict(env_id=args.env, env_kwargs=env_kwargs, device=args.device, progress=False,
                   samples_per_epoch=args.samples, num_steps=args.steps)  # fmt: skip
@@ -437,7 +437,11 @@ def main(argv=None) -> dict[str, Any]:
                   f"{e['reward_s']:.3f}, train {e['train_s']:.2f}); pure UNet {e['unet_pure_s']:.2f} s "
                   f"-> ratio {e['ratio_to_unet']:.3f}; peak {e['peak_mem_mb']:.0f} MB")  # fmt: skip
 
-    # 4. FLOPs and summary.
+    # 4. Peaks again (the machine is shared: keep the better of the two measurements), FLOPs, summary.
+    for key, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):
+        again = matmul_peak_gflops(dtype, args.device, args.peak_n)
+        peaks[f"{key}_start_end"] = [peaks[key], again]
+        peaks[key] = max(peaks[key], again)
     result: dict[str, Any] = {"machine": machine_info(args.device), "settings": settings, "peaks": peaks}
     for side in sides:
         result[side.name] = summarise(side, side.recorder.flops(), peaks)
@@ -453,6 +457,7 @@ def main(argv=None) -> dict[str, Any]:
         result["unet_compute_speedup"] = result["baseline"]["unet_pure_s"] / opt["unet_pure_s"]
         checks["speedup_ok"] = result["speedup"] >= TARGETS["speedup_min"]
     result["targets"] = {**TARGETS, **checks}
+    result["machine"]["load_avg_1min_at_start"] = load_at_start
     result["machine"]["load_avg_1min_at_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report(result)
     if args.json:
