@@ -49,7 +49,11 @@ from agents.config import preset_config
 from agents.policy import GaussianUNetPolicy
 from agents.registry import registered_algos
 
-TASKS = ("Denoise-Tiny-Compressibility-v0", "Denoise-Tiny-Incompressibility-v0", "Denoise-Tiny-PromptAlignment-v0")
+TASKS = (
+    "Denoise-Tiny-Compressibility-v0",
+    "Denoise-Tiny-Incompressibility-v0",
+    "Denoise-Tiny-PromptAlignment-v0",
+)
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "leaderboard"
 QUICK = dict(budget=128, seeds=1, tasks=TASKS[:2], eval_samples=16)
@@ -86,7 +90,9 @@ def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
 
 # ---------------------------------------------------------------------------------------------- drift
 @torch.no_grad()
-def drift_from_base(cfg, unet: torch.nn.Module, base_unet: torch.nn.Module, num_samples: int, seed: int) -> dict:
+def drift_from_base(
+    cfg, unet: torch.nn.Module, base_unet: torch.nn.Module, num_samples: int, seed: int
+) -> dict:
     """KL to the base model along fine-tuned trajectories, and the captioner's fidelity of the samples."""
     from agents.trainer import derive_seed, make_env
 
@@ -123,7 +129,9 @@ def evaluate_run(cfg, unet, base_unet, args) -> dict[str, Any]:
     import gymnasium as gym
 
     train_prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
-    out["train_eval"] = evaluate_policy(cfg, unet, train_prompts, num_samples=args.eval_samples)["reward_mean"]
+    out["train_eval"] = evaluate_policy(cfg, unet, train_prompts, num_samples=args.eval_samples)[
+        "reward_mean"
+    ]
     heldout = heldout_prompt_set(cfg) or HELDOUT_SETS.get("tiny_train")
     out["heldout_eval"] = evaluate_policy(cfg, unet, heldout, num_samples=args.eval_samples)["reward_mean"]
     out.update(drift_from_base(cfg, unet, base_unet, args.eval_samples, seed=10_000))
@@ -222,7 +230,9 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         task = r["task"].removeprefix("Denoise-Tiny-").removesuffix("-v0")
-        lines.append(f"| {task} | {r['algo']} | {r['seeds']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+        lines.append(
+            f"| {task} | {r['algo']} | {r['seeds']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |"
+        )
     (args.out / "leaderboard.md").write_text("\n".join(lines) + "\n")
     plot_curves(results, args)
     return out
@@ -237,7 +247,11 @@ def plot_curves(results: list[dict[str, Any]], args: argparse.Namespace) -> None
     for task in dict.fromkeys(r["task"] for r in results):
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
-            curves = [np.asarray(r["curve"], dtype=float) for r in results if r["task"] == task and r["algo"] == algo]
+            curves = [
+                np.asarray(r["curve"], dtype=float)
+                for r in results
+                if r["task"] == task and r["algo"] == algo
+            ]
             curves = [c for c in curves if len(c)]
             if not curves:
                 continue
@@ -251,7 +265,9 @@ def plot_curves(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         ax.set_title(task.removeprefix("Denoise-"))
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(args.out / f"leaderboard_{task.removeprefix('Denoise-Tiny-').removesuffix('-v0')}.png", dpi=100)
+        fig.savefig(
+            args.out / f"leaderboard_{task.removeprefix('Denoise-Tiny-').removesuffix('-v0')}.png", dpi=100
+        )
         plt.close(fig)
 
 
@@ -261,18 +277,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: budget {QUICK['budget']}, {QUICK['seeds']} seed, 2 tasks, {QUICK['eval_samples']} eval samples")  # fmt: skip
     p.add_argument("--algos", nargs="+", help="algorithms (default: every registered one)")
-    p.add_argument("--tasks", nargs="+", help="tasks: IDs or Compressibility/Incompressibility/PromptAlignment")
+    p.add_argument(
+        "--tasks", nargs="+", help="tasks: IDs or Compressibility/Incompressibility/PromptAlignment"
+    )
     p.add_argument("--seeds", type=int, help="seeds per (task, algorithm) (default 3)")
     p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
-    p.add_argument("--out", type=Path, default=RESULTS, help=f"where the tables and plots go (default {RESULTS})")
+    p.add_argument(
+        "--out", type=Path, default=RESULTS, help=f"where the tables and plots go (default {RESULTS})"
+    )
     p.add_argument("--runs", type=Path, default=RUNS, help=f"where the run folders go (default {RUNS})")
-    p.add_argument("--model", help="model folder for every task (default: the envs' own, the shipped tiny model)")
+    p.add_argument(
+        "--model", help="model folder for every task (default: the envs' own, the shipped tiny model)"
+    )
     p.add_argument("--num-steps", type=int, help="denoising steps (default: the env's)")
     p.add_argument("--samples-per-epoch", type=int, help="override the presets' samples per epoch (tests)")
     p.add_argument("--micro-batch", type=int, default=160,
                    help="(sample, timestep) pairs per training call (default 160; see benchmarks/throughput.py)")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see docs/benchmarks.md)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (default 1, see docs/benchmarks.md)"
+    )
     args = p.parse_args(argv)
     quick = QUICK if args.quick else dict(budget=1024, seeds=3, tasks=TASKS, eval_samples=64)
     for k, v in quick.items():
@@ -289,7 +313,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.algos = args.algos or known
     unknown = [a for a in args.algos if a not in known]
     if unknown:
-        p.error(f"unknown algorithm(s) {unknown}; registered: {known} (register yours with agents.registry.register_algo)")
+        p.error(
+            f"unknown algorithm(s) {unknown}; registered: {known} (register yours with agents.registry.register_algo)"
+        )
     return args
 
 

@@ -228,7 +228,9 @@ class UNetRecorder:
 
 
 # ---------------------------------------------------------------------------------------------- epochs
-def reference_update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
+def reference_update(
+    policy, optimizer, rollout, advantages, cfg, generator, tracker=None
+) -> dict[str, float]:
     """DDPO-IS trained the way the reference implementations do it (the baseline's update).
 
     For each batch of ``train_batch_size`` samples: every sample's timesteps in its own random order;
@@ -285,7 +287,9 @@ def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool)
         parts = []
         for b in range(num_samples // cfg.sample_batch_size):
             gen = torch.Generator(device=device).manual_seed(derive_seed(cfg.seed, epoch, b, 1))
-            parts.append(collect_rollout(side.env, side.policy, derive_seed(cfg.seed, epoch, b, 0) % 2**31, gen))
+            parts.append(
+                collect_rollout(side.env, side.policy, derive_seed(cfg.seed, epoch, b, 0) % 2**31, gen)
+            )
         rollout = concat_rollouts(parts)
         _sync(device)
         t1 = time.perf_counter()
@@ -315,9 +319,18 @@ def summarise(side: SimpleNamespace, flops: int, peaks: dict[str, float]) -> dic
                                                                "unet_pure_s", "ratio_to_unet")}  # fmt: skip
     cfg = side.cfg
     out = {
-        "config": {k: getattr(cfg, k) for k in ("sample_batch_size", "train_batch_size", "micro_batch_size",
-                                                "channels_last", "autocast_dtype", "compile_unet",
-                                                "recompute_old_log_probs")},  # fmt: skip
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "sample_batch_size",
+                "train_batch_size",
+                "micro_batch_size",
+                "channels_last",
+                "autocast_dtype",
+                "compile_unet",
+                "recompute_old_log_probs",
+            )
+        },  # fmt: skip
         **{f"{k}": v for k, v in med.items()},
         "samples_per_s": timed[0]["samples"] / med["epoch_s"],
         "split": {k: med[f"{k}_s"] / med["epoch_s"] for k in ("sample", "reward", "train")},
@@ -342,22 +355,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="agents.config preset for ddpo-is (default tiny)")
     p.add_argument("--baseline", action="store_true", help="also run the reference-style baseline epoch")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
-    p.add_argument("--model", help="model folder (default: the env's; a random tiny model if that is missing)")
+    p.add_argument(
+        "--model", help="model folder (default: the env's; a random tiny model if that is missing)"
+    )
     p.add_argument("--random-model", choices=("tiny", "micro"),
                    help="use a random-weight model of this size (benchmarks.tiny_model) instead")  # fmt: skip
     p.add_argument("--samples", type=int, default=64, help="samples per epoch (default 64)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the env's, 20 for Denoise-Tiny-*)")
-    p.add_argument("--repeats", type=int, default=2, help="timed epochs per side (default 2; median reported)")
-    p.add_argument("--micro-batch", type=int, default=160,
-                   help="optimised side's (sample, timestep) pairs per training call (default 160: 320 UNet rows "
-                        "with CFG, two equal calls per optimizer step of 16 samples x 20 steps)")
-    p.add_argument("--bf16", action="store_true",
-                   help="optimised side under bf16 autocast, old log-probs recomputed in training precision")
-    p.add_argument("--channels-last", action="store_true", help="optimised side in channels_last memory format")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed epochs per side (default 2; median reported)"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=160,
+        help="optimised side's (sample, timestep) pairs per training call (default 160: 320 UNet rows "
+        "with CFG, two equal calls per optimizer step of 16 samples x 20 steps)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="optimised side under bf16 autocast, old log-probs recomputed in training precision",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="optimised side in channels_last memory format"
+    )
     p.add_argument("--compile", action="store_true", help="optimised side with torch.compile (slow warm-up)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for both sides (default 1: on a shared 2-core machine, 2 threads "
-                        "were 4-5x slower than 1 when another job held a core)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for both sides (default 1: on a shared 2-core machine, 2 threads "
+        "were 4-5x slower than 1 when another job held a core)",
+    )
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
@@ -380,7 +410,9 @@ def main(argv=None) -> dict[str, Any]:
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     tmp = None
     model, model_kind = args.model, "given"
-    if args.random_model or (model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env):
+    if args.random_model or (
+        model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env
+    ):
         from benchmarks.tiny_model import build_random_model
 
         tmp = tempfile.TemporaryDirectory(prefix="throughput-model-")
@@ -417,7 +449,9 @@ def main(argv=None) -> dict[str, Any]:
     peaks = {"matmul_n": args.peak_n,
              "fp32_gflops": matmul_peak_gflops(torch.float32, args.device, args.peak_n),
              "bf16_gflops": matmul_peak_gflops(torch.bfloat16, args.device, args.peak_n)}  # fmt: skip
-    print(f"matmul peaks (n={args.peak_n}): fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s")
+    print(
+        f"matmul peaks (n={args.peak_n}): fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s"
+    )
 
     # 2. Warm-up: a full optimised epoch (compiles every shape); a one-batch baseline epoch.
     warm = {}

@@ -51,7 +51,9 @@ def test_throughput_quick_reports_consistent_figures(micro_model, tmp_path):
     base, opt = saved["baseline"], saved["optimised"]
     assert base["unet_calls"] == 2 * steps * samples // 16  # 16-sample batches; one call per timestep
     c = opt["config"]
-    train_calls = samples // c["train_batch_size"] * math.ceil(c["train_batch_size"] * steps / c["micro_batch_size"])
+    train_calls = (
+        samples // c["train_batch_size"] * math.ceil(c["train_batch_size"] * steps / c["micro_batch_size"])
+    )
     assert opt["unet_calls"] == steps * samples // c["sample_batch_size"] + train_calls
     # Same epoch, same UNet FLOPs whichever way it is batched.
     assert opt["unet_gflop_per_epoch"] == pytest.approx(base["unet_gflop_per_epoch"], rel=1e-6)
@@ -163,7 +165,9 @@ def test_recompute_old_log_probs_changes_nothing_in_fp32(tiny_sd):
 
 def test_bf16_policy_with_recomputed_old_log_probs_starts_at_ratio_one(tiny_sd):
     policy, rollout = _rollout_and_policy(tiny_sd, autocast_dtype="bf16", channels_last=True)
-    metrics, _ = _update(policy, rollout, recompute_old_log_probs=True, autocast_dtype="bf16", channels_last=True)
+    metrics, _ = _update(
+        policy, rollout, recompute_old_log_probs=True, autocast_dtype="bf16", channels_last=True
+    )
     assert metrics["losses/ratio_dev_first"] < 1e-6  # recomputed in the very micro-batch it is compared in
     assert metrics["losses/old_log_prob_dev"] >= 0
 
@@ -177,7 +181,9 @@ def test_speed_options_keep_the_policy_numerically_close(tiny_sd):
     obs, _ = env.reset(seed=0)
     ref = GaussianUNetPolicy(load_unet(tiny_sd), env).distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
     cl = GaussianUNetPolicy(load_unet(tiny_sd), env, channels_last=True)
-    torch.testing.assert_close(cl.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        cl.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5
+    )
     bf = GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="bf16")
     mean = bf.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
     assert mean.dtype == torch.float32

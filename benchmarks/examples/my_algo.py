@@ -1,6 +1,6 @@
 """Put your own algorithm on the leaderboard: plain REINFORCE with a baseline, registered from outside.
 
-    python -m benchmarks.examples.my_algo --quick          # or any benchmarks.leaderboard option
+python -m benchmarks.examples.my_algo --quick          # or any benchmarks.leaderboard option
 """
 
 import sys
