@@ -26,7 +26,7 @@ def test_results_match_their_samples_under_shuffled_completion_order():
     order = []
     lock = threading.Lock()
     rng = np.random.default_rng(0)
-    delays = {k: d for k, d in enumerate(rng.permutation(8) * 0.02)}  # batch k finishes after delays[k]
+    delays = {k: d for k, d in enumerate(rng.permutation(8) * 0.15)}  # batch k finishes after delays[k]; 150 ms apart so load cannot reorder them
 
     def slow_reward(images, prompts):
         k = int(prompts[0].split()[1])
