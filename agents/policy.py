@@ -100,6 +100,8 @@ class GaussianUNetPolicy(nn.Module):
         # A bound method, not a submodule: the compiled wrapper must not add "_orig_mod." parameter names.
         self._unet_fn = torch.compile(unet, dynamic=False).__call__ if compile_unet else unet.__call__
         self._uncond: torch.Tensor | None = None
+        self._episode_prompts: tuple[str, ...] | None = None
+        self._episode_embeds: torch.Tensor | None = None
 
     @classmethod
     def from_env(cls, env: Any, unet: nn.Module | None = None, **kwargs: Any) -> GaussianUNetPolicy:
@@ -122,7 +124,13 @@ class GaussianUNetPolicy(nn.Module):
         return [p for p in self.unet.parameters() if p.requires_grad]
 
     def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.env.encode_prompts(prompts)
+        """Embeddings ``[B, L, D]``; an episode's prompt tuple (the same object every step) is stacked once."""
+        if prompts is self._episode_prompts:
+            return self._episode_embeds
+        embeds = self.env.encode_prompts(prompts)
+        if isinstance(prompts, tuple):  # immutable: safe to key on identity
+            self._episode_prompts, self._episode_embeds = prompts, embeds
+        return embeds
 
     def uncond_embedding(self) -> torch.Tensor:
         if self._uncond is None:
