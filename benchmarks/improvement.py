@@ -1,28 +1,39 @@
 """Reward improvement per algorithm in base-model standard deviations (d), at a reward-query budget.
 
-``python -m benchmarks.improvement [--tasks Compressibility Incompressibility] [--algos ...] [--budget 2048]``
+``python -m benchmarks.improvement [--tasks ...] [--algos ...] [--seeds 0 1 2] [--budget 2048] [--set FIELD=VALUE]``
 
-For each (task, algorithm): train from the shipped tiny model with the algorithm's ``tiny`` preset
-until ``budget`` reward queries, then evaluate at fixed seeds on the training prompts. ``d`` is
+For each (task, algorithm, seed): train from the shipped tiny model with the algorithm's ``tiny``
+preset until ``budget`` reward queries, then evaluate at fixed seeds on the training prompts. ``d`` is
 ``(mean reward after − mean reward of the base model) / std of the base model's rewards``, both
-evaluated on the same prompts and seeds. Finished runs (``result.json``) are kept; an interrupted
-run resumes from its last checkpoint. Several processes may split ``--algos`` and share ``--runs``.
+evaluated on the same prompts and seeds. The table gives d per seed and its mean ± std over seeds.
+
+Runs live in ``<runs>/<task>/<algo>[+<tag>]/seed<k>/``. A finished run (``result.json``) is kept and
+reused only while its ``config.json`` still equals the config it would run now; a run whose preset
+changed since is moved aside to ``seed<k>.stale-<time>`` (never deleted) and redone. An interrupted
+run resumes from its last checkpoint. Several processes may split ``--algos``/``--tasks``/``--seeds``
+and share ``--runs``. ``--set FIELD=VALUE`` (repeatable) overrides preset fields for a trial; give
+such trials a ``--tag`` so that they get their own folders.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import time
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import diffusion_env  # noqa: F401
-from agents.config import preset_config
+from agents.config import TrainConfig, preset_config
 from agents.evaluate import evaluate_policy
 from agents.trainer import Trainer
+from benchmarks.rundirs import set_aside_if_stale
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "improvement"
 
@@ -31,11 +42,32 @@ def _task(name: str) -> str:
     return name if name.startswith("Denoise-") else f"Denoise-Tiny-{name}-v0"
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["clip_range=1e-3", ...]`` → typed TrainConfig field values (clear error on a bad one)."""
+    from agents.cli import _parser_for
+
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or name not in hints:
+            fields = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of: {fields}")
+        try:
+            out[name] = _parser_for(hints[name])(value)
+        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--set {item!r}: cannot read {value!r} as {hints[name]} ({e})") from None
+    return out
+
+
 def base_stats(task: str, args) -> dict:
     path = args.runs / task / "base.json"
     if path.exists():
         return json.loads(path.read_text())
-    cfg = preset_config("tiny", "ddpo-is", env_id=task, run_dir=str(args.runs / task / "_base"), progress=False)
+    cfg = preset_config(
+        "tiny", "ddpo-is", env_id=task, run_dir=str(args.runs / task / "_base"), progress=False
+    )
     from agents.trainer import make_env
     from diffusion_env.components import load_unet
 
@@ -49,50 +81,81 @@ def base_stats(task: str, args) -> dict:
     return res
 
 
-def run(task: str, algo: str, args) -> dict:
-    folder = args.runs / task / algo
+def run(task: str, algo: str, seed: int, args) -> dict:
+    name = f"{algo}+{args.tag}" if args.tag else algo
+    folder = args.runs / task / name / f"seed{seed}"
+    cfg = preset_config("tiny", algo, **{**dict(env_id=task, reward_query_budget=args.budget, num_epochs=10**6,
+                                                run_dir=str(folder), seed=seed, progress=args.progress),
+                                         **args.overrides}).validate()  # fmt: skip
+    set_aside_if_stale(folder, cfg)
     done = folder / "result.json"
     if done.exists():
         return json.loads(done.read_text())
-    cfg = preset_config("tiny", algo, env_id=task, reward_query_budget=args.budget, num_epochs=10**6,
-                        run_dir=str(folder), seed=args.seed, progress=args.progress)  # fmt: skip
     resume = (folder / "checkpoints" / "latest").exists()
     start = time.perf_counter()
     trainer = Trainer(cfg, resume=resume)
     trainer.train()
     ev = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", args.eval_samples)
     base = base_stats(task, args)
-    res = {"task": task, "algo": algo, "reward_queries": trainer.reward_queries, "epochs": trainer.epoch,
-           "eval_reward": ev["reward_mean"], "base_reward": base["reward_mean"], "base_std": base["reward_std"],
-           "d": (ev["reward_mean"] - base["reward_mean"]) / base["reward_std"],
-           "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
-    done.write_text(json.dumps(res, indent=1))
+    res = {"task": task, "algo": name, "seed": seed, "reward_queries": trainer.reward_queries,
+           "epochs": trainer.epoch, "eval_reward": ev["reward_mean"], "base_reward": base["reward_mean"],
+           "base_std": base["reward_std"], "d": (ev["reward_mean"] - base["reward_mean"]) / base["reward_std"],
+           "overrides": args.overrides, "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
+    tmp = done.with_name(".result.json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, done)
     trainer.env.close()
     return res
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per (task, algorithm) with d per seed and mean ± std over seeds."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["task"], r["algo"]), []).append(r)
+    lines = [
+        "| task | algorithm | reward queries | seeds | d per seed | d mean ± std |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (task, algo), rs in groups.items():
+        ds = [r["d"] for r in sorted(rs, key=lambda r: r.get("seed", 0))]
+        spread = f" ± {statistics.stdev(ds):.2f}" if len(ds) > 1 else ""
+        lines.append(f"| {task} | {algo} | {rs[0]['reward_queries']} | {len(ds)} | "
+                     f"{', '.join(f'{d:.2f}' for d in ds)} | {statistics.fmean(ds):.2f}{spread} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=["Compressibility", "Incompressibility"])
     p.add_argument("--algos", nargs="+", default=["ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--runs", type=Path, default=RUNS)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a preset field (repeatable), e.g. --set num_inner_epochs=2")  # fmt: skip
+    p.add_argument("--tag", help="name suffix of the run folders (required with --set)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+    )
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
+    args.overrides = parse_overrides(args.overrides)
+    if args.overrides and not args.tag:
+        p.error("--set changes the preset: give the trial a --tag so that its runs get their own folders")
     torch.set_num_threads(args.threads)
     results = []
     for task in map(_task, args.tasks):
         base_stats(task, args)
         for algo in args.algos:
-            r = run(task, algo, args)
-            results.append(r)
-            print(json.dumps({k: r[k] for k in ("task", "algo", "reward_queries", "eval_reward", "base_reward", "d")}), flush=True)
-    print("\n| task | algorithm | reward queries | base reward | eval reward | d |\n|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['task']} | {r['algo']} | {r['reward_queries']} | {r['base_reward']:.4g} | {r['eval_reward']:.4g} | {r['d']:.2f} |")
+            for seed in args.seeds:
+                r = run(task, algo, seed, args)
+                results.append(r)
+                print(json.dumps({k: r.get(k) for k in ("task", "algo", "seed", "reward_queries", "eval_reward", "d")}),
+                      flush=True)  # fmt: skip
+    print()
+    print(table(results))
     return results
 
 

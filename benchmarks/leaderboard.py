@@ -20,9 +20,11 @@ Each (task, algorithm, seed) run trains with the algorithm's ``tiny`` preset
   shape, count, size and relation (prompt-image faithfulness; falls when rewards are gamed).
 
 Every run lives in ``<runs>/<task>/<algo>/seed<k>/`` (the trainer's run directory, checkpoints
-included) and is finished when its ``result.json`` exists. A finished run is never redone, and an
-interrupted one resumes from its last checkpoint, so the leaderboard can be stopped and restarted at
-any time. At the end (and after each run) the table is written to ``<out>/leaderboard.json`` and
+included) and is finished when its ``result.json`` exists. A finished run is reused as long as its
+``config.json`` equals the config the current preset gives; otherwise it is moved aside to
+``seed<k>.stale-<time>`` (kept, not deleted) and redone. An interrupted run resumes from its last
+checkpoint, so the leaderboard can be stopped and restarted at any time. At the end (and after each
+run) the table is written to ``<out>/leaderboard.json`` and
 ``.md``, and ``<out>/leaderboard_<task>.png`` plots mean reward ± std over seeds against reward
 queries (the DDPO paper's Figure 4 at tiny scale).
 
@@ -142,10 +144,12 @@ def evaluate_run(cfg, unet, base_unet, args) -> dict[str, Any]:
 def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Train and evaluate one run unless its result.json exists. Returns ``(result, ran)``."""
     from agents.trainer import Trainer
+    from benchmarks.rundirs import set_aside_if_stale
     from diffusion_env.components import load_unet
 
     cfg = run_config(task, algo, seed, args)
     run_dir = Path(cfg.run_dir)
+    set_aside_if_stale(run_dir, cfg)  # a preset changed since this run: redo it, keep the old folder
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text()), False

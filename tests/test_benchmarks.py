@@ -190,3 +190,61 @@ def test_speed_options_keep_the_policy_numerically_close(tiny_sd):
     assert float((mean - ref).norm() / ref.norm()) < 0.05  # bf16 rounding, amplified by guidance 5
     with pytest.raises(ValueError, match="autocast_dtype"):
         GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="int8")
+
+
+def test_throughput_replays_a_backward_only_where_one_ran():
+    """A call made with autograd on whose output was detached (old log-probs recomputed) is forward-only."""
+    from types import SimpleNamespace
+
+    from benchmarks.throughput import UNetRecorder
+
+    unet = torch.nn.Linear(4, 4)
+    policy = SimpleNamespace(unet=unet, device=torch.device("cpu"))
+    policy.unet_eps = lambda x, t, cond: unet(x)
+    recorder = UNetRecorder(policy)
+    recorder.on = True
+    x, t, cond = torch.randn(3, 4), torch.zeros(3), torch.zeros(3, 2, 4)
+    policy.unet_eps(x, t, cond).sum().backward()  # a training call
+    policy.unet_eps(x, t, cond).detach()  # autograd on, no backward
+    with torch.no_grad():
+        policy.unet_eps(x, t, cond)  # a sampling call
+    assert [call[3] for call in recorder.calls] == [True, False, False]
+    assert recorder.replay() > 0 and all(p.grad is None for p in unet.parameters())
+
+
+def test_stale_runs_are_moved_aside_not_reused(tmp_path):
+    from agents.config import preset_config
+    from agents.trainer import config_json
+    from benchmarks.rundirs import set_aside_if_stale
+
+    folder = tmp_path / "ddpo-is" / "seed0"
+    folder.mkdir(parents=True)
+    old = preset_config("tiny", "ddpo-is", run_dir=str(folder))
+    (folder / "config.json").write_text(config_json(old))
+    (folder / "result.json").write_text("{}")
+    # Same computation (progress bars and folder do not count): reused.
+    assert set_aside_if_stale(folder, old.replace(progress=not old.progress, run_dir="elsewhere")) is None
+    assert (folder / "result.json").exists()
+    # Another clip range: moved aside with everything in it, so the run is redone.
+    aside = set_aside_if_stale(folder, old.replace(clip_range=old.clip_range * 2))
+    assert aside is not None and not folder.exists()
+    assert (aside / "result.json").read_text() == "{}" and aside.name.startswith("seed0.stale-")
+    assert set_aside_if_stale(folder, old) is None  # nothing there any more
+
+
+def test_improvement_overrides_and_table():
+    from benchmarks.improvement import main, parse_overrides, table
+
+    assert parse_overrides(["num_inner_epochs=2", "clip-range=1e-3", "lora_rank=none"]) == {
+        "num_inner_epochs": 2, "clip_range": 1e-3, "lora_rank": None}  # fmt: skip
+    with pytest.raises(SystemExit, match="FIELD=VALUE"):
+        parse_overrides(["no_such_field=1"])
+    with pytest.raises(SystemExit, match="cannot read"):
+        parse_overrides(["num_inner_epochs=two"])
+    with pytest.raises(SystemExit):  # a trial that would overwrite the preset's own runs
+        main(["--set", "num_inner_epochs=2"])
+    rows = [
+        {"task": "T", "algo": "a", "seed": s, "reward_queries": 64, "d": d} for s, d in ((1, 2.0), (0, 1.0))
+    ]
+    md = table(rows).splitlines()
+    assert md[-1] == "| T | a | 64 | 2 | 1.00, 2.00 | 1.50 ± 0.71 |"
