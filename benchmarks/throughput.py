@@ -183,8 +183,20 @@ class UNetRecorder:
         if self.on:
             # The module's train/eval flag too: a compiled UNet guards on it (replaying in the other
             # mode would recompile inside the timing).
-            grad, training = torch.is_grad_enabled(), self.policy.unet.training
-            self.calls.append((x.detach().clone(), t.clone(), cond.detach().clone(), grad, training))
+            # ``grad`` is set only once a backward pass actually reaches this call's output: a call made
+            # with autograd on whose output is detached (e.g. old log-probs recomputed in training
+            # precision) is a forward-only call, and replaying it with a backward would overstate the
+            # pure UNet time.
+            entry = [x.detach().clone(), t.clone(), cond.detach().clone(), False, self.policy.unet.training]
+            self.calls.append(entry)
+            out = self._call(x, t, cond)
+            if out.requires_grad:
+                def mark_backward(grad, entry=entry):
+                    entry[3] = True
+                    return grad
+
+                out.register_hook(mark_backward)
+            return out
         return self._call(x, t, cond)
 
     def replay(self) -> float:
@@ -378,9 +390,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="optimised side under bf16 autocast, old log-probs recomputed in training precision",
     )
     p.add_argument(
-        "--channels-last", action="store_true", help="optimised side in channels_last memory format"
-    )
-    p.add_argument("--compile", action="store_true", help="optimised side with torch.compile (slow warm-up)")
+        "--channels-last", action=argparse.BooleanOptionalAction, default=True,
+        help="optimised side in channels_last memory format (default on)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="optimised side through torch.compile (default on; about a minute of warm-up, excluded from "
+        "the timed epochs and reported as compile_s; --no-compile for eager)",
+    )  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
@@ -391,11 +408,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: random micro model, 16 samples x 4 steps, 1 repeat, small peak matmul")  # fmt: skip
+                   help="smoke run: random micro model, 16 samples x 4 steps, 1 repeat, small peak matmul, no compile")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
         args.random_model = args.random_model or "micro"
         args.samples, args.steps, args.repeats, args.peak_n = 16, args.steps or 4, 1, 512
+        args.compile = False  # a smoke run: no minute of compilation
     for name in ("samples", "repeats", "peak_n", "micro_batch", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
