@@ -442,6 +442,9 @@ def main(argv=None) -> dict[str, Any]:
     env_kwargs = {"model": model} if model else {}
     common = dict(env_id=args.env, env_kwargs=env_kwargs, device=args.device, progress=False,
                   samples_per_epoch=args.samples, num_steps=args.steps)  # fmt: skip
+    # The epoch, whatever the preset trains with: one PPO pass over every timestep in optimizer
+    # steps of 16 samples, so both sides do the same work and the same number of optimizer steps.
+    common.update(train_batch_size=16, num_inner_epochs=1, timestep_fraction=1.0)
     opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
         sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
         micro_batch_size=args.micro_batch, channels_last=args.channels_last,
@@ -450,7 +453,7 @@ def main(argv=None) -> dict[str, Any]:
     sides = [build_side(opt_cfg, "optimised")]
     if args.baseline:
         base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
-            sample_batch_size=16, train_batch_size=16, channels_last=False, autocast_dtype=None, compile_unet=False,
+            sample_batch_size=16, channels_last=False, autocast_dtype=None, compile_unet=False,
             recompute_old_log_probs=False,
         ).validate()  # fmt: skip
         sides.insert(0, build_side(base_cfg, "baseline"))
