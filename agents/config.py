@@ -134,7 +134,8 @@ class TrainConfig:
     run_dir: str | None = None
     # Show progress bars.
     progress: bool = True
-    # Stop after the epoch during which this many seconds of training have passed (0: no limit).
+    # Training time limit in seconds (0: none): no epoch starts that the last epoch's duration says would
+    # end past it (the first epoch always runs).
     time_limit_s: float = 0.0
 
     def validate(self) -> TrainConfig:

@@ -171,13 +171,16 @@ class Trainer:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=cfg.num_epochs, initial=self.epoch, desc=f"{cfg.algo} {cfg.env_id}", unit="epoch")
-        started = time.perf_counter()
+        started, last_epoch_s = time.perf_counter(), 0.0
         while self.epoch < cfg.num_epochs:
             if cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget:
                 break
-            if cfg.time_limit_s and self.dist.any(time.perf_counter() - started > cfg.time_limit_s):
+            # Stop before an epoch that would end past the limit (judged by the last epoch's duration).
+            if cfg.time_limit_s and self.dist.any(time.perf_counter() - started + last_epoch_s > cfg.time_limit_s):
                 break
+            epoch_start = time.perf_counter()
             metrics = self.train_epoch()
+            last_epoch_s = time.perf_counter() - epoch_start
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(reward=f"{metrics['charts/reward_mean']:.3g}")

@@ -238,3 +238,22 @@ def test_samples_per_prompt_repeats_prompts(tiny_sd, tmp_path):
     assert len(prompts) == 8 and all(prompts[i] == prompts[i + 1] for i in range(0, 8, 2))
     assert len(set(prompts)) > 1
     assert tr.collect(0).prompts == prompts  # seeded by (seed, epoch, batch)
+
+
+def test_time_limit_stops_before_an_epoch_that_would_overrun(tiny_sd, tmp_path, monkeypatch):
+    """With 10 s epochs and a 25 s limit, two epochs run (ending at 20 s), not a third ending at 30 s."""
+    import agents.trainer as trainer_mod
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
+    tr = Trainer(_cfg(tiny_sd, tmp_path, num_epochs=5, time_limit_s=25.0))
+    real_epoch = tr.train_epoch
+
+    def ten_second_epoch():
+        out = real_epoch()
+        clock[0] += 10.0
+        return out
+
+    monkeypatch.setattr(tr, "train_epoch", ten_second_epoch)
+    tr.train()
+    assert tr.epoch == 2 and clock[0] <= 25.0
