@@ -125,6 +125,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def collect(runs: Path, tasks: list[str], algos: list[str]) -> list[dict]:
+    """Every finished run of the presets (not ``+tag`` trials, not set-aside folders) under ``runs``."""
+    results = []
+    for task in tasks:
+        for algo in algos:
+            for done in sorted((runs / task / algo).glob("seed*/result.json")):
+                if ".stale-" not in done.parent.name:
+                    results.append({"seed": int(done.parent.name.removeprefix("seed")), **json.loads(done.read_text())})
+    return results
+
+
+def write_report(results: list[dict], out: Path, command: str) -> None:
+    """``<out>/improvement.json`` (every run) and ``improvement.md`` (the table and how it was made)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "improvement.json").write_text(json.dumps(results, indent=1) + "\n")
+    budgets = sorted({r["reward_queries"] for r in results})
+    md = [f"# Reward improvement at {', '.join(map(str, budgets))} reward queries (tiny presets, shipped tiny model)", "",
+          f"Made by `{command}` from the finished runs.",
+          "d = (eval reward after − base eval reward) / base std; evaluation: 64 samples, training prompts, fixed seeds;",
+          "mean ± std over training seeds.", "", table(results), ""]  # fmt: skip
+    (out / "improvement.md").write_text("\n".join(md))
+
+
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=["Compressibility", "Incompressibility"])
@@ -140,7 +163,16 @@ def main(argv=None) -> list[dict]:
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
     )
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="train nothing: write DIR/improvement.{json,md} from the finished runs of --tasks x --algos")  # fmt: skip
     args = p.parse_args(argv)
+    if args.report:
+        results = collect(args.runs, [_task(t) for t in args.tasks], args.algos)
+        if not results:
+            p.error(f"no finished runs under {args.runs} for {args.tasks} x {args.algos}")
+        write_report(results, args.report, "python -m benchmarks.improvement --report " + str(args.report))
+        print(table(results))
+        return results
     args.overrides = parse_overrides(args.overrides)
     if args.overrides and not args.tag:
         p.error("--set changes the preset: give the trial a --tag so that its runs get their own folders")

@@ -229,7 +229,9 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
     (args.out / "leaderboard.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [f"# Leaderboard: tiny tasks, {args.budget} reward queries per run",
              "", f"Mean ± std over seeds. {'Complete.' if not pending else f'**Partial: {pending} run(s) missing.**'}",
-             "Columns: see `docs/benchmarks.md` (KL in nats per denoising step; path KL summed over steps).", "",
+             "Columns: see `docs/benchmarks.md` (KL in nats per denoising step; path KL summed over steps).",
+             f"Run time: {sum(r.get('total_s', 0.0) for r in results) / 60:.0f} min summed over the {len(results)} "
+             "runs' own wall times (training + evaluation; `total_s` in each run).", "",
              "| task | algorithm | seeds | final reward | eval (train prompts) | eval (held-out) | KL/step to base | path KL | fidelity |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:

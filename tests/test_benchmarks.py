@@ -248,3 +248,24 @@ def test_improvement_overrides_and_table():
     ]
     md = table(rows).splitlines()
     assert md[-1] == "| T | a | 64 | 2 | 1.00, 2.00 | 1.50 ± 0.71 |"
+
+
+def test_improvement_report_reads_preset_runs_only(tmp_path):
+    from benchmarks.improvement import main
+
+    task = "Denoise-Tiny-Compressibility-v0"
+    for folder, d in (("ddpo-is/seed0", 1.0), ("ddpo-is/seed1", 2.0), ("ddpo-is/seed0.stale-x", 9.0),
+                      ("ddpo-is+trial/seed0", 9.0), ("rwr/seed0", -1.0)):  # fmt: skip
+        (tmp_path / task / folder).mkdir(parents=True)
+        (tmp_path / task / folder / "result.json").write_text(
+            json.dumps({"task": task, "algo": folder.split("/")[0], "reward_queries": 64, "d": d})
+        )
+    out = tmp_path / "report"
+    results = main(["--runs", str(tmp_path), "--tasks", "Compressibility", "--algos", "ddpo-is", "rwr",
+                    "--report", str(out)])  # fmt: skip
+    assert sorted(r["d"] for r in results) == [-1.0, 1.0, 2.0]
+    md = (out / "improvement.md").read_text()
+    assert "| 1.00, 2.00 | 1.50 ± 0.71 |" in md and "| -1.00 | -1.00 |" in md
+    assert len(json.loads((out / "improvement.json").read_text())) == 3
+    with pytest.raises(SystemExit):
+        main(["--runs", str(tmp_path), "--tasks", "Incompressibility", "--report", str(out)])
