@@ -95,11 +95,16 @@ def run(task: str, algo: str, seed: int, args) -> dict:
     start = time.perf_counter()
     trainer = Trainer(cfg, resume=resume)
     trainer.train()
-    ev = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", args.eval_samples)
     base = base_stats(task, args)
+    try:
+        ev = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", args.eval_samples)
+        eval_reward, d, diverged = ev["reward_mean"], (ev["reward_mean"] - base["reward_mean"]) / base["reward_std"], None
+    except ValueError as exc:  # the env refuses the fine-tuned policy's non-finite or runaway latents
+        eval_reward, d, diverged = None, None, str(exc)
+        print(f"{task} {name} seed {seed}: the trained policy diverged at evaluation ({exc})", flush=True)
     res = {"task": task, "algo": name, "seed": seed, "reward_queries": trainer.reward_queries,
-           "epochs": trainer.epoch, "eval_reward": ev["reward_mean"], "base_reward": base["reward_mean"],
-           "base_std": base["reward_std"], "d": (ev["reward_mean"] - base["reward_mean"]) / base["reward_std"],
+           "epochs": trainer.epoch, "eval_reward": eval_reward, "base_reward": base["reward_mean"],
+           "base_std": base["reward_std"], "d": d, "diverged": diverged,
            "overrides": args.overrides, "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
     tmp = done.with_name(".result.json.tmp")
     tmp.write_text(json.dumps(res, indent=1))
@@ -118,10 +123,14 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for (task, algo), rs in groups.items():
-        ds = [r["d"] for r in sorted(rs, key=lambda r: r.get("seed", 0))]
+        per_seed = [r.get("d") for r in sorted(rs, key=lambda r: r.get("seed", 0))]
+        ds = [d for d in per_seed if d is not None]  # None: the policy diverged (no finite samples)
         spread = f" ± {statistics.stdev(ds):.2f}" if len(ds) > 1 else ""
-        lines.append(f"| {task} | {algo} | {rs[0]['reward_queries']} | {len(ds)} | "
-                     f"{', '.join(f'{d:.2f}' for d in ds)} | {statistics.fmean(ds):.2f}{spread} |")  # fmt: skip
+        mean = f"{statistics.fmean(ds):.2f}{spread}" if ds else "–"
+        if len(ds) < len(per_seed):
+            mean += f" ({len(per_seed) - len(ds)} diverged)"
+        shown = ", ".join("diverged" if d is None else f"{d:.2f}" for d in per_seed)
+        lines.append(f"| {task} | {algo} | {rs[0]['reward_queries']} | {len(per_seed)} | {shown} | {mean} |")
     return "\n".join(lines)
 
 

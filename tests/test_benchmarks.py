@@ -248,6 +248,8 @@ def test_improvement_overrides_and_table():
     ]
     md = table(rows).splitlines()
     assert md[-1] == "| T | a | 64 | 2 | 1.00, 2.00 | 1.50 ± 0.71 |"
+    rows.append({"task": "T", "algo": "a", "seed": 2, "reward_queries": 64, "d": None, "diverged": "NaN"})
+    assert table(rows).splitlines()[-1] == "| T | a | 64 | 3 | 1.00, 2.00, diverged | 1.50 ± 0.71 (1 diverged) |"
 
 
 def test_improvement_report_reads_preset_runs_only(tmp_path):
