@@ -221,16 +221,15 @@ def test_shipped_model_loads_offline_with_sd_classes(tiny_model, monkeypatch):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffusion_env.tiny.sample import ASSET_DIR
+    from diffusion_env.tiny.sample import ASSET_DIR, load_tiny
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    path = str(ASSET_DIR)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    sched = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    m = load_tiny(ASSET_DIR)  # the SD v1.4 classes' own from_pretrained, offline
+    unet, vae, text, tok, sched = m.unet, m.vae, m.text_encoder, m.tokenizer, m.scheduler
+    for part, cls in ((unet, UNet2DConditionModel), (vae, AutoencoderKL), (text, CLIPTextModel),
+                      (tok, CLIPTokenizer), (sched, DDIMScheduler)):  # fmt: skip
+        assert type(part) is cls
     assert unet.config.sample_size == 8 and unet.config.in_channels == unet.config.out_channels == 4
     assert unet.config.cross_attention_dim == text.config.hidden_size
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 3  # 32 -> 8
