@@ -118,6 +118,9 @@ class TrainConfig:
     autocast_dtype: str | None = None
     # Speed: call the UNet through torch.compile (each batch shape compiles once, in the first epoch).
     compile_unet: bool = False
+    # Speed: attention kernels of the UNet: "sdpa" (fused scaled_dot_product_attention; long sequences, GPUs)
+    # or "math" (matmuls + softmax; faster on CPUs for short sequences, and under bf16 autocast).
+    attention: str = "sdpa"
     # DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced precision).
     recompute_old_log_probs: bool = False
     # Compute each batch's rewards in a worker thread while the next batch is sampled.
@@ -214,6 +217,8 @@ class TrainConfig:
             errors.append(f"lora_rank={self.lora_rank}: expected a positive integer, or None for full fine-tuning")
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             errors.append(f"autocast_dtype={self.autocast_dtype!r}: expected None (fp32), 'bf16' or 'fp16'")
+        if self.attention not in ("sdpa", "math"):
+            errors.append(f"attention={self.attention!r}: expected 'sdpa' or 'math'")
         if self.per_prompt_buffer_size and self.per_prompt_min_count > self.per_prompt_buffer_size:
             errors.append(
                 f"per_prompt_min_count={self.per_prompt_min_count} > per_prompt_buffer_size="
@@ -226,7 +231,8 @@ class TrainConfig:
     def policy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~agents.policy.GaussianUNetPolicy` that this config sets."""
         return dict(lora_rank=self.lora_rank, reduction=self.log_prob_reduction, channels_last=self.channels_last,
-                    autocast_dtype=self.autocast_dtype, compile_unet=self.compile_unet)  # fmt: skip
+                    autocast_dtype=self.autocast_dtype, compile_unet=self.compile_unet,
+                    attention=self.attention)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -197,6 +197,7 @@ def test_nan_loss_step_is_skipped(tiny_sd):
         (dict(algo="ppo2"), "algo"),
         (dict(algo="ddpo-sf", num_inner_epochs=2), "on-policy"),
         (dict(lora_rank=0), "lora_rank"),
+        (dict(attention="flash"), "attention=.flash.: expected .sdpa. or .math."),
     ],
 )
 def test_config_refuses_nonsense(changes, match):
