@@ -14,8 +14,10 @@ With ``cfg.recompute_old_log_probs`` the old log-probs are first recomputed (det
 the micro-batches of the first pass (all of its steps' pairs are drawn before any UNet call,
 from the same random draws as without it). Reduced-precision kernels (bf16 autocast) may round
 differently with batch size and composition, so sampling-time log-probs can differ from training-time
-ones by more than the clip range 1e-4; recomputed ones start the first ratio at 1. The largest change
-is reported as ``losses/old_log_prob_dev``.
+ones by more than the clip range 1e-4; recomputed ones start the first ratio at 1. The first optimizer
+step's pairs are not recomputed: its training forward runs at the old parameters in those very
+micro-batches, so its own (detached) log-probs are the recomputed ones, for a quarter less extra work
+with four steps per pass. The largest change is reported as ``losses/old_log_prob_dev``.
 """
 
 from __future__ import annotations
@@ -52,14 +54,22 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
             # Several processes: keep the pairs of this process's samples (``total`` stays global).
             layout.append((*local_pairs(rollout, sample_idx, step_idx, advantages), total))
         if recompute and inner == 0:
-            recompute_dev = _recompute_old_log_probs(policy, layout, cfg.micro_batch_size, old_tables)
-        for local, sample_idx, step_idx, pair_adv, total in layout:
+            # Steps 2, 3, …: recomputed now, before any update. Step 1: by its own training forward.
+            recompute_dev = _recompute_old_log_probs(policy, layout[1:], cfg.micro_batch_size, old_tables)
+            for local, *_ in layout[:1]:
+                old_tables.setdefault(id(local), local.log_probs.clone())
+        for k, (local, sample_idx, step_idx, pair_adv, total) in enumerate(layout):
+            at_old_params = recompute and inner == 0 and k == 0
             # 3. Micro-batches through the UNet; gradients accumulate.
             for m in range(0, len(sample_idx), cfg.micro_batch_size):
                 s, j = sample_idx[m : m + cfg.micro_batch_size], step_idx[m : m + cfg.micro_batch_size]
                 batch = flat_pairs(local, s, j)
                 adv = pair_adv[m : m + cfg.micro_batch_size]
                 log_prob = policy.log_prob(batch, batch["action"])
+                if at_old_params:  # no optimizer step yet: this forward is the recomputation
+                    old_tables[id(local)][s, j] = log_prob.detach()
+                    d = (log_prob.detach() - batch["old_log_prob"]).abs().max()
+                    recompute_dev = d if recompute_dev is None else torch.maximum(recompute_dev, d)
                 old_log_prob = old_tables[id(local)][s, j] if recompute else batch["old_log_prob"]
                 log_ratio = log_prob - old_log_prob
                 ratio = log_ratio.exp()
@@ -96,7 +106,9 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
     return sums
 
 
-def _recompute_old_log_probs(policy, layout, micro: int, tables: dict[int, torch.Tensor]) -> torch.Tensor:
+def _recompute_old_log_probs(
+    policy, layout, micro: int, tables: dict[int, torch.Tensor]
+) -> torch.Tensor | None:
     """Fill ``tables`` with the policy's log-probs of ``layout``'s pairs, in its micro-batches.
 
     Computed with autograd on (and detached): a compiled UNet runs another graph without gradients,
@@ -112,4 +124,4 @@ def _recompute_old_log_probs(policy, layout, micro: int, tables: dict[int, torch
                 table[s, j] = policy.log_prob(batch, batch["action"]).detach()
             d = (table[s, j] - batch["old_log_prob"]).abs().max()
             dev = d if dev is None else torch.maximum(dev, d)
-    return dev if dev is not None else torch.zeros(())
+    return dev
