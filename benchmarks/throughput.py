@@ -23,8 +23,8 @@ What is measured, in one process:
   shape (matmuls, convolutions and attention; element-wise work is not counted), giving GFLOP/s
   achieved in the pure UNet time and over the whole epoch, against the machine's fp32 and bf16
   matmul peaks measured in the same run (a square matmul timed).
-- **Memory**: peak RSS during each epoch on CPU (sampled every 5 ms), ``torch.cuda.max_memory_allocated``
-  on GPU.
+- **Memory**: peak RSS during each epoch on CPU (the kernel's high-water mark, reset before the epoch),
+  ``torch.cuda.max_memory_allocated`` on GPU.
 
 Compile time (``--compile``) is paid in the warm-up epoch; timed epochs exclude it, and it is reported
 as ``compile_s`` (warm-up epoch time minus the median timed epoch). Figures go to stdout and, with
@@ -65,6 +65,10 @@ from diffusion_env.components import TINY_MODEL_PATH
 
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
 TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
+# --bf16 auto: bf16 only where the hardware multiplies in bf16 this many times faster than in fp32. With
+# less (e.g. AVX512-BF16 without AMX: 2.3x on an AMD EPYC) bf16 autocast was slower than fp32 for the tiny
+# UNet, whose small convolutions and element-wise work do not speed up with the matmul units.
+BF16_AUTO_MIN_GAIN = 3.0
 
 
 # ---------------------------------------------------------------------------------------------- machine
@@ -92,6 +96,13 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
+def use_bf16(option: str, fp32_gflops: float, bf16_gflops: float) -> bool:
+    """``--bf16``: "on", "off", or "auto" = on where bf16 matmuls ran >= BF16_AUTO_MIN_GAIN x fp32's."""
+    if option not in ("auto", "on", "off"):
+        raise ValueError(f"bf16 option {option!r}; expected 'auto', 'on' or 'off'")
+    return option == "on" or (option == "auto" and bf16_gflops >= BF16_AUTO_MIN_GAIN * fp32_gflops)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -114,22 +125,44 @@ def matmul_peak_gflops(dtype: torch.dtype, device: str, n: int = 2048, seconds: 
 
 
 class PeakMemory:
-    """Peak memory (MB) while the block runs: RSS sampled every 5 ms on CPU, CUDA allocator peak on GPU."""
+    """Peak memory (MB) while the block runs: the CUDA allocator's peak on GPU; on CPU the kernel's peak
+    RSS (``VmHWM``), reset at entry through ``/proc/self/clear_refs``.
+
+    Where that reset is not available, RSS is sampled every 5 ms by a thread instead. That thread is the
+    last resort: on a 2-core machine its wake-ups take a core from torch's threads 200 times a second and
+    slowed the very epoch being timed (measured as part of the gap between the epoch and its UNet time).
+    """
 
     def __init__(self, device: str):
-        self.device, self.peak_mb, self._stop = device, 0.0, threading.Event()
+        self.device, self.peak_mb, self._stop, self._thread = device, 0.0, threading.Event(), None
 
     @staticmethod
-    def rss_mb() -> float:
+    def _status_mb(key: str) -> float | None:
         try:
             for line in open("/proc/self/status"):
-                if line.startswith("VmRSS:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             pass
+        return None
+
+    @classmethod
+    def rss_mb(cls) -> float:
+        rss = cls._status_mb("VmRSS")
+        if rss is not None:
+            return rss
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    @staticmethod
+    def _reset_peak_rss() -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # Linux >= 4.0: resets VmHWM to the current RSS
+            return True
+        except OSError:
+            return False
 
     def _poll(self) -> None:
         while not self._stop.wait(0.005):
@@ -138,7 +171,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+        elif not (self._reset_peak_rss() and self._status_mb("VmHWM") is not None):
             self.peak_mb = self.rss_mb()
             self._thread = threading.Thread(target=self._poll, daemon=True)
             self._thread.start()
@@ -147,6 +180,8 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         if self.device.startswith("cuda"):
             self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self._thread is None:
+            self.peak_mb = self._status_mb("VmHWM")
         else:
             self._stop.set()
             self._thread.join()
@@ -187,7 +222,9 @@ class UNetRecorder:
             # with autograd on whose output is detached (e.g. old log-probs recomputed in training
             # precision) is a forward-only call, and replaying it with a backward would overstate the
             # pure UNet time.
-            entry = [x.detach().clone(), t.clone(), cond.detach().clone(), False, self.policy.unet.training]
+            # And the grad mode: a forward with autograd on runs another (compiled) graph than one without.
+            entry = [x.detach().clone(), t.clone(), cond.detach().clone(), False, self.policy.unet.training,
+                     torch.is_grad_enabled()]  # fmt: skip
             self.calls.append(entry)
             out = self._call(x, t, cond)
             if out.requires_grad:
@@ -199,31 +236,39 @@ class UNetRecorder:
             return out
         return self._call(x, t, cond)
 
-    def replay(self) -> float:
-        """Seconds of the recorded calls run alone (forward; forward + backward for grad-mode calls)."""
+    def replay(self) -> tuple[float, float]:
+        """Seconds of the recorded calls run alone, each in its grad mode, backward where one ran:
+        ``(sampling calls, training calls)`` (calls made in the module's eval / train mode)."""
         device = str(self.policy.device)
-        total, was_training = 0.0, self.policy.unet.training
-        for x, t, cond, grad, training in self.calls:
+        seconds, was_training = [0.0, 0.0], self.policy.unet.training
+        for x, t, cond, backward, training, grad_mode in self.calls:
             self.policy.unet.train(training)
             _sync(device)
             t0 = time.perf_counter()
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad_mode):
                 out = self._call(x, t, cond)
-                if grad:
+                if backward:
                     out.backward(torch.ones_like(out))
             _sync(device)
-            total += time.perf_counter() - t0
+            seconds[training] += time.perf_counter() - t0
         self.policy.unet.train(was_training)
         for p in self.policy.unet.parameters():
             p.grad = None
-        return total
+        return seconds[0], seconds[1]
 
     def flops(self) -> int:
-        """FLOPs of the recorded calls (counted on the eager UNet, per distinct shape, scaled by batch)."""
+        """FLOPs of the recorded calls (counted on the eager UNet, per distinct shape, scaled by batch).
+
+        Counted with diffusers' math attention whatever kernels ran: the counter sees its matmuls but
+        has no formula for torch's CPU flash-attention ops, which would leave attention out.
+        """
+        from diffusers.models.attention_processor import AttnProcessor
         from torch.utils.flop_counter import FlopCounterMode
 
         unet, per_row, total = self.policy.unet, {}, 0
-        for x, t, cond, grad, _ in self.calls:
+        processors = unet.attn_processors
+        unet.set_attn_processor(AttnProcessor())
+        for x, t, cond, grad, *_ in self.calls:
             key = (tuple(x.shape[1:]), tuple(cond.shape[1:]), grad)
             if key not in per_row:
                 rows = min(4, x.shape[0])
@@ -234,6 +279,7 @@ class UNetRecorder:
                         out.backward(torch.ones_like(out))
                 per_row[key] = counter.get_total_flops() / rows
             total += per_row[key] * x.shape[0]
+        unet.set_attn_processor(processors)
         for p in unet.parameters():
             p.grad = None
         return int(total)
@@ -320,7 +366,8 @@ def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool)
     }  # fmt: skip
     if record:
         out["unet_calls"] = len(side.recorder.calls)
-        out["unet_pure_s"] = side.recorder.replay()
+        out["unet_pure_sample_s"], out["unet_pure_train_s"] = side.recorder.replay()
+        out["unet_pure_s"] = out["unet_pure_sample_s"] + out["unet_pure_train_s"]
         out["ratio_to_unet"] = out["epoch_s"] / out["unet_pure_s"]
     return out
 
@@ -328,7 +375,7 @@ def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool)
 def summarise(side: SimpleNamespace, flops: int, peaks: dict[str, float]) -> dict[str, Any]:
     timed = side.epochs
     med = {k: statistics.median(e[k] for e in timed) for k in ("epoch_s", "sample_s", "reward_s", "train_s",
-                                                               "unet_pure_s", "ratio_to_unet")}  # fmt: skip
+           "unet_pure_s", "unet_pure_sample_s", "unet_pure_train_s", "ratio_to_unet")}  # fmt: skip
     cfg = side.cfg
     out = {
         "config": {
@@ -341,6 +388,7 @@ def summarise(side: SimpleNamespace, flops: int, peaks: dict[str, float]) -> dic
                 "autocast_dtype",
                 "compile_unet",
                 "recompute_old_log_probs",
+                "attention",
             )
         },  # fmt: skip
         **{f"{k}": v for k, v in med.items()},
@@ -385,10 +433,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with CFG, two equal calls per optimizer step of 16 samples x 20 steps)",
     )
     p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="optimised side under bf16 autocast, old log-probs recomputed in training precision",
-    )
+        "--bf16", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+        help="optimised side under bf16 autocast, old log-probs recomputed in training precision. auto "
+        f"(default): on where this run measures bf16 matmuls at >= {BF16_AUTO_MIN_GAIN:g}x the fp32 peak "
+        "(AMX CPUs, tensor-core GPUs), off elsewhere; --bf16 alone: on",
+    )  # fmt: skip
+    p.add_argument(
+        "--attention", choices=("sdpa", "math"),
+        help="optimised side's attention kernels (agents.policy.GaussianUNetPolicy): default math on CPU "
+        "(short sequences: faster, and torch's CPU flash-attention backward is slow in bf16), sdpa on GPU",
+    )  # fmt: skip
     p.add_argument(
         "--channels-last", action=argparse.BooleanOptionalAction, default=True,
         help="optimised side in channels_last memory format (default on)",
@@ -440,6 +494,22 @@ def main(argv=None) -> dict[str, Any]:
     elif model is None:
         model_kind = "shipped tiny model" if "Tiny" in args.env else "env default"
     env_kwargs = {"model": model} if model else {}
+
+    # 1. Matmul peaks (they also decide --bf16 auto).
+    peaks = {"matmul_n": args.peak_n,
+             "fp32_gflops": matmul_peak_gflops(torch.float32, args.device, args.peak_n),
+             "bf16_gflops": matmul_peak_gflops(torch.bfloat16, args.device, args.peak_n)}  # fmt: skip
+    print(
+        f"matmul peaks (n={args.peak_n}): fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s"
+    )
+    bf16_gain = peaks["bf16_gflops"] / peaks["fp32_gflops"]
+    bf16 = use_bf16(args.bf16, peaks["fp32_gflops"], peaks["bf16_gflops"])
+    attention = args.attention or ("sdpa" if args.device.startswith("cuda") else "math")
+    choice = {"bf16": bf16, "bf16_option": args.bf16, "bf16_matmul_gain": bf16_gain,
+              "bf16_auto_min_gain": BF16_AUTO_MIN_GAIN, "attention": attention}  # fmt: skip
+    print(f"optimised side: {'bf16 autocast' if bf16 else 'fp32'} (--bf16 {args.bf16}; bf16 matmuls "
+          f"{bf16_gain:.1f}x fp32 here), {attention} attention")  # fmt: skip
+
     common = dict(env_id=args.env, env_kwargs=env_kwargs, device=args.device, progress=False,
                   samples_per_epoch=args.samples, num_steps=args.steps)  # fmt: skip
     # The issue's epoch, whatever the preset trains with: one PPO pass over every timestep in optimizer
@@ -447,14 +517,14 @@ def main(argv=None) -> dict[str, Any]:
     common.update(train_batch_size=16, num_inner_epochs=1, timestep_fraction=1.0)
     opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
         sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
-        micro_batch_size=args.micro_batch, channels_last=args.channels_last,
-        autocast_dtype="bf16" if args.bf16 else None, compile_unet=args.compile, recompute_old_log_probs=args.bf16,
+        micro_batch_size=args.micro_batch, channels_last=args.channels_last, attention=attention,
+        autocast_dtype="bf16" if bf16 else None, compile_unet=args.compile, recompute_old_log_probs=bf16,
     ).validate()  # fmt: skip
     sides = [build_side(opt_cfg, "optimised")]
     if args.baseline:
         base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
             sample_batch_size=16, channels_last=False, autocast_dtype=None, compile_unet=False,
-            recompute_old_log_probs=False,
+            recompute_old_log_probs=False, attention="sdpa",
         ).validate()  # fmt: skip
         sides.insert(0, build_side(base_cfg, "baseline"))
     env = sides[-1].env
@@ -463,16 +533,8 @@ def main(argv=None) -> dict[str, Any]:
                 "samples_per_epoch": args.samples, "num_steps": env.num_steps, "guidance_scale": env.guidance_scale,
                 "preset": args.preset, "algo": "ddpo-is", "timestep_fraction": opt_cfg.timestep_fraction,
                 "num_inner_epochs": opt_cfg.num_inner_epochs, "lora_rank": opt_cfg.lora_rank,
-                "repeats": args.repeats}  # fmt: skip
+                "repeats": args.repeats, "optimised_choice": choice}  # fmt: skip
     print(json.dumps(settings))
-
-    # 1. Matmul peaks.
-    peaks = {"matmul_n": args.peak_n,
-             "fp32_gflops": matmul_peak_gflops(torch.float32, args.device, args.peak_n),
-             "bf16_gflops": matmul_peak_gflops(torch.bfloat16, args.device, args.peak_n)}  # fmt: skip
-    print(
-        f"matmul peaks (n={args.peak_n}): fp32 {peaks['fp32_gflops']:.1f} GFLOP/s, bf16 {peaks['bf16_gflops']:.1f} GFLOP/s"
-    )
 
     # 2. Warm-up: a full optimised epoch (compiles every shape); a one-batch baseline epoch.
     warm = {}
@@ -490,6 +552,7 @@ def main(argv=None) -> dict[str, Any]:
             side.epochs.append(e)
             print(f"{side.name:9s} epoch {r}: {e['epoch_s']:.2f} s (sample {e['sample_s']:.2f}, reward "
                   f"{e['reward_s']:.3f}, train {e['train_s']:.2f}); pure UNet {e['unet_pure_s']:.2f} s "
+                  f"(sample {e['unet_pure_sample_s']:.2f}, train {e['unet_pure_train_s']:.2f}) "
                   f"-> ratio {e['ratio_to_unet']:.3f}; peak {e['peak_mem_mb']:.0f} MB")  # fmt: skip
 
     # 4. Peaks again (the machine is shared: keep the better of the two measurements), FLOPs, summary.

@@ -60,6 +60,38 @@ def test_throughput_quick_reports_consistent_figures(micro_model, tmp_path):
     assert saved["speedup"] == pytest.approx(base["epoch_s"] / opt["epoch_s"])
 
 
+def test_throughput_bf16_auto_follows_the_measured_matmul_gain():
+    from benchmarks.throughput import BF16_AUTO_MIN_GAIN, use_bf16
+
+    assert use_bf16("auto", 300.0, 300.0 * BF16_AUTO_MIN_GAIN)  # AMX CPUs, tensor-core GPUs
+    assert not use_bf16("auto", 180.0, 410.0)  # AVX512-BF16 only: bf16 was slower for the tiny UNet
+    assert use_bf16("on", 180.0, 100.0) and not use_bf16("off", 1.0, 1e6)
+    with pytest.raises(ValueError, match="expected 'auto', 'on' or 'off'"):
+        use_bf16("yes", 1.0, 1.0)
+
+
+@pytest.mark.parametrize("reset_works", [True, False])
+def test_peak_memory_sees_a_block_s_allocation(monkeypatch, reset_works):
+    from benchmarks.throughput import PeakMemory
+
+    if not reset_works:  # the 5 ms polling fallback
+        monkeypatch.setattr(PeakMemory, "_reset_peak_rss", staticmethod(lambda: False))
+    before = PeakMemory.rss_mb()
+    with PeakMemory("cpu") as mem:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        block.add_(1)
+        if not reset_works:
+            import time
+
+            time.sleep(0.05)  # let the poller see it
+        del block
+    assert mem.peak_mb >= before + 60
+    if reset_works:  # reset at entry: a second block without allocation does not report the first peak
+        with PeakMemory("cpu") as again:
+            pass
+        assert again.peak_mb < mem.peak_mb - 30
+
+
 def test_throughput_rejects_bad_options():
     from benchmarks import throughput
 
@@ -163,6 +195,31 @@ def test_recompute_old_log_probs_changes_nothing_in_fp32(tiny_sd):
     torch.testing.assert_close(w_again, w_plain, rtol=0, atol=1e-4)  # an Adam step moves weights ~1e-3
 
 
+def test_recomputed_old_log_probs_replace_every_stored_one(tiny_sd):
+    """Stored log-probs that are off (as bf16 sampling leaves them) are all replaced, in both passes.
+
+    The first optimizer step's pairs are not recomputed ahead: its training forward at the old
+    parameters provides them. If they were not kept for the second pass, it would use the stored ones.
+    """
+    policy, rollout = _rollout_and_policy(tiny_sd)
+    start = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    calls = []
+    unet_eps = policy.unet_eps
+    policy.unet_eps = lambda *a: calls.append(1) or unet_eps(*a)
+    _, w_plain = _update(policy, rollout)
+    plain_calls = len(calls)
+    policy.unet.load_state_dict(start)
+    calls.clear()
+    off = rollout._replace(log_probs=rollout.log_probs + 0.5)
+    metrics, w_recomputed = _update(policy, off, recompute_old_log_probs=True)
+    assert metrics["losses/old_log_prob_dev"] == pytest.approx(0.5, abs=1e-4)
+    assert metrics["losses/ratio_dev_first"] == 0.0
+    torch.testing.assert_close(w_recomputed, w_plain, rtol=0, atol=1e-4)
+    # 4 samples in steps of 2 x 4 timesteps = 8 pairs in micro-batches of 3: 3 calls per optimizer
+    # step; only the second step of the first pass is recomputed ahead.
+    assert plain_calls == 2 * 2 * 3 and len(calls) == plain_calls + 3
+
+
 def test_bf16_policy_with_recomputed_old_log_probs_starts_at_ratio_one(tiny_sd):
     policy, rollout = _rollout_and_policy(tiny_sd, autocast_dtype="bf16", channels_last=True)
     metrics, _ = _update(
@@ -190,6 +247,15 @@ def test_speed_options_keep_the_policy_numerically_close(tiny_sd):
     assert float((mean - ref).norm() / ref.norm()) < 0.05  # bf16 rounding, amplified by guidance 5
     with pytest.raises(ValueError, match="autocast_dtype"):
         GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="int8")
+    # Math attention (matmuls + softmax) against the fused kernel: the same policy up to rounding.
+    math_attn = GaussianUNetPolicy(load_unet(tiny_sd), env, attention="math")
+    processors = {type(p).__name__ for p in math_attn.unet.attn_processors.values()}
+    assert processors == {"AttnProcessor"}
+    torch.testing.assert_close(
+        math_attn.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="attention='flash'; expected None or one of"):
+        GaussianUNetPolicy(load_unet(tiny_sd), env, attention="flash")
 
 
 def test_throughput_replays_a_backward_only_where_one_ran():
@@ -208,8 +274,9 @@ def test_throughput_replays_a_backward_only_where_one_ran():
     policy.unet_eps(x, t, cond).detach()  # autograd on, no backward
     with torch.no_grad():
         policy.unet_eps(x, t, cond)  # a sampling call
-    assert [call[3] for call in recorder.calls] == [True, False, False]
-    assert recorder.replay() > 0 and all(p.grad is None for p in unet.parameters())
+    assert [call[3] for call in recorder.calls] == [True, False, False]  # a backward reached it
+    assert [call[5] for call in recorder.calls] == [True, True, False]  # replayed in its grad mode
+    assert sum(recorder.replay()) > 0 and all(p.grad is None for p in unet.parameters())
 
 
 def test_stale_runs_are_moved_aside_not_reused(tmp_path):
