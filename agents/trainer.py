@@ -41,6 +41,7 @@ from agents.config import TrainConfig
 from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
 from agents.policy import GaussianUNetPolicy
 from agents.registry import get_algo
+from agents.runtime import retain_freed_memory
 
 CHECKPOINT_KEEP = 2
 
@@ -112,6 +113,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg.validate()
+        if torch.device(cfg.device).type == "cpu":
+            retain_freed_memory()  # no page faults for every micro-batch's activations (agents/runtime.py)
         self.dist = distributed.init()  # one process: a no-op context (see agents/distributed.py)
         self.dist.check_config(self.cfg)
         self.update_fn = get_algo(cfg.algo)

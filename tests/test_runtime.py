@@ -1,0 +1,47 @@
+"""agents.runtime: keeping freed memory removes the page faults of re-allocated activations."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Forward + backward steps of a small conv net with 8 MB activations, as in a training loop; prints
+# the page faults of each step after the first two (warm-up).
+_SCRIPT = """
+import json, resource, sys, torch
+from agents.runtime import retain_freed_memory
+torch.manual_seed(0)
+torch.set_num_threads(1)
+applied = retain_freed_memory() if sys.argv[1] == "retain" else None
+layers = [m for _ in range(4) for m in (torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.GroupNorm(8, 32), torch.nn.SiLU())]
+net, x = torch.nn.Sequential(*layers), torch.randn(256, 32, 16, 16)
+def step():
+    net(x).square().mean().backward()
+step(); step()
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "median_faults": sorted(faults)[3], "faults": faults}))
+"""
+
+
+def _faults(mode: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings and ru_minflt: Linux")
+def test_retained_memory_is_reused_without_page_faults():
+    default, retained = _faults("default"), _faults("retain")
+    if not retained["applied"]:
+        pytest.skip("not glibc: retain_freed_memory() is a no-op here")
+    if default["median_faults"] < 1000:
+        pytest.skip(f"this C library already reuses freed memory by default: {default}")
+    # glibc's defaults fault in ~10,000-25,000 fresh pages (40-100 MB) per step here; retained memory is
+    # reused (an occasional step still faults some in: the median step).
+    assert retained["median_faults"] < default["median_faults"] / 20, (default, retained)
