@@ -67,8 +67,9 @@ from diffusion_env.components import TINY_MODEL_PATH
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
 TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
 # --bf16 auto: bf16 only where the hardware multiplies in bf16 this many times faster than in fp32. With
-# less (e.g. AVX512-BF16 without AMX: 2.3x on an AMD EPYC) bf16 autocast was slower than fp32 for the tiny
-# UNet, whose small convolutions and element-wise work do not speed up with the matmul units.
+# less (AVX512-BF16 without AMX: 2.3x on an AMD EPYC) bf16 autocast was slower than fp32 for the tiny UNet
+# (measured with the fused SDPA attention, whose bf16 CPU backward is slow in itself); with AMX (6-7x on a
+# Xeon) and math attention it was 1.2x faster than fp32 per epoch.
 BF16_AUTO_MIN_GAIN = 3.0
 
 
@@ -436,8 +437,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--bf16", nargs="?", const="on", default="off", choices=("auto", "on", "off"),
         help="optimised side under bf16 autocast, old log-probs recomputed in training precision "
-        "(default off: after one optimizer step bf16 log-ratios were mostly rounding noise; see "
-        "docs/benchmarks.md). auto: on where this run measures bf16 matmuls at >= "
+        "(default off: the epoch stays exact fp32; bf16 log-ratios after one step are within 2%% of "
+        "fp32's at the tiny preset's lr 3e-4 but as large as the signal at DDPO's 1e-5, see python -m "
+        "benchmarks.precision). auto: on where this run measures bf16 matmuls at >= "
         f"{BF16_AUTO_MIN_GAIN:g}x the fp32 peak (AMX CPUs, tensor-core GPUs); --bf16 alone: on",
     )  # fmt: skip
     p.add_argument(

@@ -92,6 +92,24 @@ def test_peak_memory_sees_a_block_s_allocation(monkeypatch, reset_works):
         assert again.peak_mb < mem.peak_mb - 30
 
 
+def test_precision_quick_control_is_exact_and_bf16_deviates(micro_model, tmp_path):
+    from benchmarks import precision
+
+    control = precision.main(["--quick", "--model", str(micro_model), "--dtype", "fp32", "--lr", "1e-3"])
+    step = control["steps"][0]
+    assert step["fp32_log_ratio"]["mean_abs"] > 0  # the step moved the policy
+    assert step["log_ratio_error"]["max_abs"] == 0.0 and step["sign_agreement"] == 1.0  # same computation twice
+    out = tmp_path / "p.json"
+    bf16 = precision.main(["--quick", "--model", str(micro_model), "--lr", "1e-5", "1e-3", "--json", str(out)])
+    assert [s["lr"] for s in bf16["steps"]] == [1e-5, 1e-3]
+    assert bf16["log_prob_dev_at_theta0"]["max"] > 0  # bf16 rounds
+    for s in bf16["steps"]:
+        assert math.isfinite(s["error_over_signal"]) and 0 <= s["sign_agreement"] <= 1
+    assert json.loads(out.read_text())["steps"][1]["lr"] == 1e-3
+    with pytest.raises(SystemExit):
+        precision.parse_args(["--lr", "0"])
+
+
 def test_throughput_rejects_bad_options():
     from benchmarks import throughput
 
