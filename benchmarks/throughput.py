@@ -7,8 +7,10 @@ What is measured, in one process:
 - **The optimised epoch**: the library's own path (``collect_rollout`` over ``sample_batch_size``
   lockstep trajectories, then the registered ``ddpo-is`` update on flattened (sample, timestep)
   micro-batches) with the speed-ups of :class:`~agents.config.TrainConfig` switched on
-  (``micro_batch_size``, and opt-in ``channels_last``, ``autocast_dtype``, ``compile_unet``,
-  ``recompute_old_log_probs``: see ``--micro-batch``, ``--channels-last``, ``--bf16``, ``--compile``).
+  (``micro_batch_size``, ``channels_last``, ``compile_unet``, ``attention``, and opt-in
+  ``autocast_dtype`` with ``recompute_old_log_probs``: see ``--micro-batch``, ``--channels-last``,
+  ``--compile``, ``--attention``, ``--bf16``). Both sides use the fused AdamW of ``make_optimizer`` and,
+  on CPU, keep freed memory in the process (``--retain-freed-memory``), as training runs do.
 - **The baseline epoch** (``--baseline``): the same epoch with every speed-up off, in the style of the
   reference implementations (TRL's DDPOTrainer, ddpo-pytorch): eager fp32, sampling in batches of 16
   with a Python loop over steps, training in batches of 16 samples with one forward/backward call per
@@ -336,11 +338,21 @@ def build_side(cfg, name: str) -> SimpleNamespace:
     )  # fmt: skip
 
 
+def _page_faults() -> int | None:
+    """Minor page faults of this process so far (fresh pages the kernel had to map and zero)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool) -> dict[str, Any]:
     """One epoch of ``num_samples`` samples: collect (sampling + reward), normalise, update."""
     cfg, device = side.cfg, side.cfg.device
     side.reward.seconds = 0.0
     side.recorder.calls, side.recorder.on = [], record
+    faults0 = _page_faults()
     with PeakMemory(device) as mem:
         _sync(device)
         t0 = time.perf_counter()
@@ -362,6 +374,7 @@ def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool)
     out = {
         "epoch_s": t2 - t0, "sample_s": t1 - t0 - side.reward.seconds, "reward_s": side.reward.seconds,
         "train_s": t2 - t1, "peak_mem_mb": mem.peak_mb, "samples": rollout.num_samples,
+        "page_faults": None if faults0 is None else _page_faults() - faults0,
         "ratio_dev_first": metrics.get("losses/ratio_dev_first"),
         "old_log_prob_dev": metrics.get("losses/old_log_prob_dev"),
         "reward_mean": float(rollout.rewards.mean()),
@@ -564,7 +577,8 @@ def main(argv=None) -> dict[str, Any]:
             print(f"{side.name:9s} epoch {r}: {e['epoch_s']:.2f} s (sample {e['sample_s']:.2f}, reward "
                   f"{e['reward_s']:.3f}, train {e['train_s']:.2f}); pure UNet {e['unet_pure_s']:.2f} s "
                   f"(sample {e['unet_pure_sample_s']:.2f}, train {e['unet_pure_train_s']:.2f}) "
-                  f"-> ratio {e['ratio_to_unet']:.3f}; peak {e['peak_mem_mb']:.0f} MB")  # fmt: skip
+                  f"-> ratio {e['ratio_to_unet']:.3f}; peak {e['peak_mem_mb']:.0f} MB; "
+                  f"{e['page_faults']} page faults")  # fmt: skip
 
     # 4. Peaks again (the machine is shared: keep the better of the two measurements), FLOPs, summary.
     for key, dtype in (("fp32_gflops", torch.float32), ("bf16_gflops", torch.bfloat16)):

@@ -47,6 +47,7 @@ def test_throughput_quick_reports_consistent_figures(micro_model, tmp_path):
         assert side["samples_per_s"] == pytest.approx(samples / side["epoch_s"])
         # The PPO ratio of the first minibatch starts at 1: the old log-probs match the training ones.
         assert max(side["ratio_dev_first"]) < 1e-4
+        assert all(e["page_faults"] is None or e["page_faults"] >= 0 for e in side["epochs"])
     # Every UNet call was recorded: sampling (one per step and sample batch) plus training calls.
     base, opt = saved["baseline"], saved["optimised"]
     assert base["unet_calls"] == 2 * steps * samples // 16  # 16-sample batches; one call per timestep
