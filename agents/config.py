@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
+ATTENTION_IMPLS = ("sdpa", "math")  # GaussianUNetPolicy(attention=...): fused SDPA kernels or matmuls + softmax
 
 
 def _type_errors(cfg: TrainConfig) -> list[str]:
@@ -217,7 +218,7 @@ class TrainConfig:
             errors.append(f"lora_rank={self.lora_rank}: expected a positive integer, or None for full fine-tuning")
         if self.autocast_dtype not in (None, "bf16", "fp16"):
             errors.append(f"autocast_dtype={self.autocast_dtype!r}: expected None (fp32), 'bf16' or 'fp16'")
-        if self.attention not in ("sdpa", "math"):
+        if self.attention not in ATTENTION_IMPLS:
             errors.append(f"attention={self.attention!r}: expected 'sdpa' or 'math'")
         if self.per_prompt_buffer_size and self.per_prompt_min_count > self.per_prompt_buffer_size:
             errors.append(

@@ -56,8 +56,6 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
         if recompute and inner == 0:
             # Steps 2, 3, …: recomputed now, before any update. Step 1: by its own training forward.
             recompute_dev = _recompute_old_log_probs(policy, layout[1:], cfg.micro_batch_size, old_tables)
-            for local, *_ in layout[:1]:
-                old_tables.setdefault(id(local), local.log_probs.clone())
         for k, (local, sample_idx, step_idx, pair_adv, total) in enumerate(layout):
             at_old_params = recompute and inner == 0 and k == 0
             # 3. Micro-batches through the UNet; gradients accumulate.
@@ -67,9 +65,7 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
                 adv = pair_adv[m : m + cfg.micro_batch_size]
                 log_prob = policy.log_prob(batch, batch["action"])
                 if at_old_params:  # no optimizer step yet: this forward is the recomputation
-                    old_tables[id(local)][s, j] = log_prob.detach()
-                    d = (log_prob.detach() - batch["old_log_prob"]).abs().max()
-                    recompute_dev = d if recompute_dev is None else torch.maximum(recompute_dev, d)
+                    recompute_dev = _store_old(old_tables, local, s, j, log_prob.detach(), batch, recompute_dev)
                 old_log_prob = old_tables[id(local)][s, j] if recompute else batch["old_log_prob"]
                 log_ratio = log_prob - old_log_prob
                 ratio = log_ratio.exp()
@@ -116,12 +112,18 @@ def _recompute_old_log_probs(
     """
     dev = None  # stays on the device: no host sync per micro-batch
     for local, sample_idx, step_idx, _, _ in layout:
-        table = tables.setdefault(id(local), local.log_probs.clone())
         for m in range(0, len(sample_idx), micro):
             s, j = sample_idx[m : m + micro], step_idx[m : m + micro]
             batch = flat_pairs(local, s, j)
             with torch.enable_grad():
-                table[s, j] = policy.log_prob(batch, batch["action"]).detach()
-            d = (table[s, j] - batch["old_log_prob"]).abs().max()
-            dev = d if dev is None else torch.maximum(dev, d)
+                log_prob = policy.log_prob(batch, batch["action"]).detach()
+            dev = _store_old(tables, local, s, j, log_prob, batch, dev)
     return dev
+
+
+def _store_old(tables, local, s, j, log_prob, batch, dev) -> torch.Tensor:
+    """Write recomputed old log-probs of pairs ``(s, j)`` into ``local``'s table (created from the sampled
+    ones on first use); return the running largest change from the sampled ones."""
+    tables.setdefault(id(local), local.log_probs.clone())[s, j] = log_prob
+    d = (log_prob - batch["old_log_prob"]).abs().max()
+    return d if dev is None else torch.maximum(dev, d)

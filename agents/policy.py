@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from agents.config import ATTENTION_IMPLS
 from diffusion_env.step_math import (
     Reduction,
     StepGaussian,
@@ -26,7 +27,6 @@ from diffusion_env.step_math import (
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
-ATTENTION_IMPLS = ("sdpa", "math")
 
 
 class GaussianUNetPolicy(nn.Module):

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
-from agents.config import preset_config
+from agents.config import ATTENTION_IMPLS, preset_config
 from agents.core import collect_rollout, flat_pairs, make_optimizer
 from agents.policy import GaussianUNetPolicy
 from agents.trainer import make_env
@@ -48,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="AdamW learning rates, one step each from the same weights (default: 1e-5 (DDPO's "
                    "SD v1.4 setting), 3e-5, 3e-4 (the tiny DDPO-IS preset))")  # fmt: skip
     p.add_argument("--steps", type=int, help="denoising steps (default: the env's)")
-    p.add_argument("--attention", default="math", choices=("sdpa", "math"), help="attention kernels (default math)")
+    p.add_argument("--attention", default="math", choices=ATTENTION_IMPLS, help="attention kernels (default math)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke run: random micro model, 4 samples, 4 steps")
@@ -67,10 +66,10 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     tmp, model = None, args.model
     if args.random_model:
-        from benchmarks.tiny_model import build_random_model
+        from benchmarks.tiny_model import temporary_random_model
 
-        tmp = tempfile.TemporaryDirectory(prefix="precision-model-")
-        model = str(build_random_model(Path(tmp.name) / args.random_model, size=args.random_model))
+        tmp, path = temporary_random_model(args.random_model, prefix="precision-model-")
+        model = str(path)
     cfg = preset_config("tiny", "ddpo-is", env_id=args.env, env_kwargs={"model": model} if model else {},
                         sample_batch_size=args.samples, samples_per_epoch=args.samples, num_steps=args.steps,
                         train_batch_size=args.samples).validate()  # fmt: skip

@@ -40,7 +40,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ import numpy as np
 import torch
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
-from agents.config import preset_config
+from agents.config import ATTENTION_IMPLS, preset_config
 from agents.core import (
     PerPromptStatTracker,
     collect_rollout,
@@ -456,7 +455,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{BF16_AUTO_MIN_GAIN:g}x the fp32 peak (AMX CPUs, tensor-core GPUs); --bf16 alone: on",
     )  # fmt: skip
     p.add_argument(
-        "--attention", choices=("sdpa", "math"),
+        "--attention", choices=ATTENTION_IMPLS,
         help="optimised side's attention kernels (agents.policy.GaussianUNetPolicy): default math on CPU "
         "(short sequences: faster, and torch's CPU flash-attention backward is slow in bf16), sdpa on GPU",
     )  # fmt: skip
@@ -509,11 +508,11 @@ def main(argv=None) -> dict[str, Any]:
     if args.random_model or (
         model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env
     ):
-        from benchmarks.tiny_model import build_random_model
+        from benchmarks.tiny_model import temporary_random_model
 
-        tmp = tempfile.TemporaryDirectory(prefix="throughput-model-")
         size = args.random_model or "tiny"
-        model, model_kind = str(build_random_model(Path(tmp.name) / size, size=size)), f"random-{size}"
+        tmp, path = temporary_random_model(size, prefix="throughput-model-")
+        model, model_kind = str(path), f"random-{size}"
         print(f"model: random-weight {size} stand-in ({model}); speed does not depend on the weights")
     elif model is None:
         model_kind = "shipped tiny model" if "Tiny" in args.env else "env default"

@@ -11,6 +11,7 @@ rewards obviously do not. ``size="micro"`` is a much smaller model of the same l
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -61,3 +62,12 @@ def build_random_model(folder: str | Path, size: str = "tiny", seed: int = 0) ->
     DDIMScheduler(**SCHEDULER).save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return folder
+
+
+def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A random-weight model of ``size`` in a new temporary folder: ``(folder handle, model path)``.
+
+    The folder lives as long as the handle (``handle.cleanup()`` removes it at once).
+    """
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return tmp, build_random_model(Path(tmp.name) / size, size=size)
