@@ -89,7 +89,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for split, prompts in (("train", train_prompts), ("heldout", heldout_prompt_set(cfg))):
         if prompts is None:
             continue
-        r = evaluate_policy(cfg, trainer.policy.unet, prompts, args.num_samples, args.seed)
+        r = evaluate_policy(cfg, trainer.policy, prompts, args.num_samples, args.seed)
         r.pop("images")
         result[split] = r
     out = Path(args.out or Path(args.run) / "eval.json")

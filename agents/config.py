@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
-ATTENTION_IMPLS = ("sdpa", "math")  # GaussianUNetPolicy(attention=...): fused SDPA kernels or matmuls + softmax
+ATTENTION_IMPLS = ("sdpa", "math")  # GaussianDenoisingPolicy(attention=...): fused SDPA kernels or matmuls + softmax
 
 
 def _type_errors(cfg: TrainConfig) -> list[str]:
@@ -93,19 +93,26 @@ class TrainConfig:
     per_prompt_buffer_size: int = 32
     # Rewards a prompt needs before its own statistics replace the batch's.
     per_prompt_min_count: int = 16
-    # RWR inverse temperature β of the softmax weights (appendix A.2: 0.2).
+    # RWR inverse temperature β of the per-prompt softmax weights, in the reward's units (appendix A.6: 0.2 for
+    # SD v1.4's tasks; the tiny presets set it per task so that β × the base model's reward spread is about 1).
     rwr_beta: float = 0.2
+    # RWR weights: softmax of β × "reward" per prompt (appendix A.2/A.3), or of β × the normalised, clipped
+    # "advantage" (an ablation; the weighting before the model seam).
+    rwr_weighting: str = "reward"
+    # RWR and RWR-sparse regress the classifier-free-guided prediction at the run's guidance scale (CFG
+    # training, appendix B.1); False: the conditional prediction only (an ablation, Figure 8).
+    rwr_cfg_training: bool = True
     # RWR-sparse keeps samples at or above this per-prompt quantile (0.9: bottom 90% dropped).
     rwr_sparse_quantile: float = 0.9
     # RWR optimizer steps per epoch (each on train_batch_size samples, one random timestep each).
     rwr_updates_per_epoch: int = 8
-    # LoRA rank (None: full fine-tuning of the UNet).
+    # LoRA rank (None: full fine-tuning of the network).
     lora_rank: int | None = None
     # Log-density reduction over latent dimensions: mean (reference convention) or sum (exact).
     log_prob_reduction: str = "mean"
     # Classifier-free guidance weight (None: the env's).
     guidance_scale: float | None = None
-    # DDIM η (None: the env's; must be > 0).
+    # The sampler's stochasticity, DDIM η for SD v1 (None: the env's; must be > 0).
     eta: float | None = None
     # Denoising steps per episode (None: the env's).
     num_steps: int | None = None
@@ -113,13 +120,13 @@ class TrainConfig:
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     # Torch device.
     device: str = "cpu"
-    # Speed: UNet weights and inputs in channels-last memory format (oneDNN / tensor-core convolutions).
+    # Speed: network weights and inputs in channels-last memory format (oneDNN / tensor-core convolutions).
     channels_last: bool = False
-    # Speed: torch.autocast dtype of UNet calls in sampling and training: None (fp32), "bf16" or "fp16".
+    # Speed: torch.autocast dtype of network calls in sampling and training: None (fp32), "bf16" or "fp16".
     autocast_dtype: str | None = None
-    # Speed: call the UNet through torch.compile (each batch shape compiles once, in the first epoch).
+    # Speed: call the policy's network through torch.compile (each batch shape compiles once, in the first epoch).
     compile_unet: bool = False
-    # Speed: attention kernels of the UNet: "sdpa" (fused scaled_dot_product_attention; long sequences, GPUs)
+    # Speed: attention kernels of the network: "sdpa" (fused scaled_dot_product_attention; long sequences, GPUs)
     # or "math" (matmuls + softmax; faster on CPUs for short sequences, and under bf16 autocast).
     attention: str = "sdpa"
     # DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced precision).
@@ -210,6 +217,8 @@ class TrainConfig:
             errors.append(f"eta={self.eta}: expected a finite number > 0")
         if self.algo == "ddpo-sf" and self.num_inner_epochs != 1:
             errors.append("ddpo-sf is on-policy: num_inner_epochs must be 1 (use ddpo-is for several passes)")
+        if self.rwr_weighting not in ("reward", "advantage"):
+            errors.append(f"rwr_weighting={self.rwr_weighting!r}: expected 'reward' (the paper's) or 'advantage'")
         if not 0 < self.rwr_sparse_quantile < 1:
             errors.append(f"rwr_sparse_quantile={self.rwr_sparse_quantile}: expected 0 < q < 1")
         if self.log_prob_reduction not in ("mean", "sum"):
@@ -230,9 +239,9 @@ class TrainConfig:
         return self
 
     def policy_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of :class:`~agents.policy.GaussianUNetPolicy` that this config sets."""
+        """Keyword arguments of :class:`~agents.policy.GaussianDenoisingPolicy` that this config sets."""
         return dict(lora_rank=self.lora_rank, reduction=self.log_prob_reduction, channels_last=self.channels_last,
-                    autocast_dtype=self.autocast_dtype, compile_unet=self.compile_unet,
+                    autocast_dtype=self.autocast_dtype, compile_network=self.compile_unet,
                     attention=self.attention)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -277,6 +286,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "ddpo-sf": dict(_TINY_COMMON, train_batch_size=64, num_inner_epochs=1),
         # RWR weighs samples within each prompt, so its batches repeat prompts (8 prompts × 8 samples);
         # with one sample per prompt every weight is 1 and RWR degenerates into self-distillation.
+        # β: see TINY_RWR_BETA (set per task by preset_config).
         "rwr": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
                     samples_per_prompt=8),  # fmt: skip
         "rwr-sparse": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
@@ -285,11 +295,20 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# RWR's β on the tiny tasks (appendix A.2 weights softmax(β r) per prompt, so β has the reward's inverse
+# units): about 1 / the base model's reward std (JPEG: 0.080 kB; prompt alignment: BERTScore recall, ~0.05),
+# so that one std of reward changes a sample's weight by a factor e within its prompt.
+TINY_RWR_BETA = {"Compressibility": 12.5, "Incompressibility": 12.5, "PromptAlignment": 20.0}
+
+
 def preset_config(preset: str, algo: str, **overrides: Any) -> TrainConfig:
     """The config of ``preset`` ("sd14" or "tiny") for ``algo``, with field overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    base = PRESETS[preset].get(algo)
-    if base is None:
-        base = {}
+    base = dict(PRESETS[preset].get(algo) or {})
+    if preset == "tiny" and algo == "rwr":
+        env_id = overrides.get("env_id", TrainConfig.env_id)
+        task = next((t for t in TINY_RWR_BETA if f"-{t}-" in env_id), None)
+        if task is not None:
+            base["rwr_beta"] = TINY_RWR_BETA[task]
     return TrainConfig(algo=algo, **{**base, **overrides})

@@ -7,14 +7,14 @@ the policy's own model; everything here is batched over the ``num_envs`` lockste
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from agents.distributed import all_reduce_grads
-from agents.policy import GaussianUNetPolicy
+from agents.distributed import all_reduce_grads, local_pairs, local_samples
+from agents.policy import GaussianDenoisingPolicy
 from rewards import RewardError
 
 
@@ -55,7 +55,7 @@ def concat_rollouts(parts: Sequence[Rollout]) -> Rollout:
 
 @torch.no_grad()
 def collect_rollout(
-    env: Any, policy: GaussianUNetPolicy, seed: int, generator: torch.Generator, prompts: Sequence[str] | None = None
+    env: Any, policy: GaussianDenoisingPolicy, seed: int, generator: torch.Generator, prompts: Sequence[str] | None = None
 ) -> Rollout:
     """Run one lockstep episode of ``env`` (a DenoisingEnv) with ``policy``; return the trajectories.
 
@@ -179,15 +179,109 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Op
     )  # fmt: skip
 
 
-def flat_pairs(rollout: Rollout, sample_idx: torch.Tensor, step_idx: torch.Tensor) -> dict[str, Any]:
-    """Gather (sample, timestep) pairs into one flat batch: states, actions, timesteps, old log-probs."""
-    return {
-        "prompt": [rollout.prompts[i] for i in sample_idx.tolist()],
-        "x_t": rollout.latents[sample_idx, step_idx],
-        "t": rollout.timesteps[sample_idx, step_idx],
-        "action": rollout.latents[sample_idx, step_idx + 1],
-        "old_log_prob": rollout.log_probs[sample_idx, step_idx],
-    }
+class PairBatch(NamedTuple):
+    """A micro-batch of (sample, timestep) pairs of a rollout: what a likelihood-style loss reads.
+
+    ``num_step_pairs`` is the number of pairs of the whole optimizer step over all processes, so a loss
+    summed over this micro-batch and divided by it accumulates the step's mean.
+    """
+
+    obs: dict[str, Any]  # prompt: list[str] [n]; t: [n] int64; x_t: [n, C, H, W]
+    actions: torch.Tensor  # [n, C, H, W]: x_{t-1}
+    old_log_probs: torch.Tensor  # [n]: log π_old(a | s) (as sampled, or as recomputed into the buffer)
+    advantages: torch.Tensor  # [n]: the advantage of each pair's sample
+    num_step_pairs: int
+    sample_idx: torch.Tensor  # [n] indices into this process's rollout
+    step_idx: torch.Tensor  # [n]
+
+
+class TrainStep(NamedTuple):
+    """The pairs of one optimizer step that this process owns, and the step's global pair count."""
+
+    sample_idx: torch.Tensor
+    step_idx: torch.Tensor
+    advantages: torch.Tensor
+    num_pairs: int
+
+
+class RolloutBuffer:
+    """An epoch's rollout and advantages, minibatched into (sample, timestep) pairs (as SB3's ``RolloutBuffer``).
+
+    Algorithms ask for an epoch's optimizer steps (:meth:`train_steps`: shuffling, each sample's timestep
+    subset and the split over processes are done here) and iterate over their micro-batches
+    (:meth:`micro_batches`). With several processes the rollout is a :class:`~agents.distributed.ShardedRollout`:
+    every process draws the same global steps and keeps the pairs of its own samples.
+    """
+
+    def __init__(self, rollout: Any, advantages: torch.Tensor, micro_batch_size: int):
+        self.rollout = rollout
+        self.local = getattr(rollout, "local", rollout)
+        self.num_samples, self.num_steps = rollout.num_samples, rollout.num_steps  # global sample count
+        self.prompts = rollout.prompts  # global
+        self.advantages = advantages
+        self.micro_batch_size = int(micro_batch_size)
+        self.sampled_log_probs = self.local.log_probs
+        self.old_log_probs = self.local.log_probs  # replaced by store_old_log_probs (a copy on first write)
+
+    @property
+    def device(self) -> torch.device:
+        return self.advantages.device
+
+    def train_steps(self, batch_size: int, generator: torch.Generator, timestep_fraction: float = 1.0,
+                    shuffle: bool = True) -> list[TrainStep]:  # fmt: skip
+        """One pass over the rollout: optimizer steps of ``batch_size`` samples × their chosen timesteps.
+
+        Random draws, in order: the sample order (``shuffle``), each sample's timestep subset, and per
+        step the order of its pairs (``shuffle``). Without ``shuffle`` samples and pairs stay in order.
+        """
+        B, S = self.num_samples, self.num_steps
+        order = torch.randperm(B, generator=generator) if shuffle else torch.arange(B)
+        steps = subsample_steps(B, S, timestep_fraction, generator)  # [B, k]
+        out = []
+        for start in range(0, B, batch_size):
+            idx = order[start : start + batch_size]
+            sample_idx = idx.repeat_interleave(steps.shape[1])
+            step_idx = steps[idx].reshape(-1)
+            if shuffle:
+                perm = torch.randperm(len(sample_idx), generator=generator)
+                sample_idx, step_idx = sample_idx[perm], step_idx[perm]
+            total = len(sample_idx)
+            _, s, j, adv = local_pairs(self.rollout, sample_idx.to(self.device), step_idx.to(self.device), self.advantages)
+            out.append(TrainStep(s, j, adv, total))
+        return out
+
+    def micro_batches(self, step: TrainStep) -> Iterator[PairBatch]:
+        """The step's pairs, ``micro_batch_size`` at a time."""
+        for m in range(0, len(step.sample_idx), self.micro_batch_size):
+            sl = slice(m, m + self.micro_batch_size)
+            s, j = step.sample_idx[sl], step.step_idx[sl]
+            yield self.pairs(s, j, step.advantages[sl], step.num_pairs)
+
+    def pairs(self, s: torch.Tensor, j: torch.Tensor, advantages: torch.Tensor, num_step_pairs: int) -> PairBatch:
+        """Gather pairs ``(s, j)`` of this process's rollout into one flat batch."""
+        ro = self.local
+        obs = {"prompt": [ro.prompts[i] for i in s.tolist()], "t": ro.timesteps[s, j], "x_t": ro.latents[s, j]}
+        return PairBatch(obs, ro.latents[s, j + 1], self.old_log_probs[s, j], advantages, num_step_pairs, s, j)
+
+    def store_old_log_probs(self, batch: PairBatch, log_probs: torch.Tensor) -> torch.Tensor:
+        """Replace the old log-probs of ``batch``'s pairs (recomputed ones); returns the largest change from
+        the sampled values, on the device (no host sync)."""
+        if self.old_log_probs is self.sampled_log_probs:
+            self.old_log_probs = self.sampled_log_probs.clone()
+        self.old_log_probs[batch.sample_idx, batch.step_idx] = log_probs
+        return (log_probs - self.sampled_log_probs[batch.sample_idx, batch.step_idx]).abs().max()
+
+    def samples(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """For global sample indices ``idx``: ``(keep, x_0, prompts)`` — which of them this process holds, and
+        their final latents and prompts."""
+        _, keep, lidx = local_samples(self.rollout, idx)
+        return keep, self.local.latents[lidx, -1], [self.local.prompts[i] for i in lidx.tolist()]
+
+
+def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's clipped surrogate per pair: max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε)), ρ = exp(log_ratio)."""
+    ratio = log_ratio.exp()
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
 
 
 def subsample_steps(num_samples: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -203,7 +297,7 @@ def grads_finite(params: list[torch.nn.Parameter]) -> bool:
     return bool(torch.isfinite(torch.stack(norms)).all()) if norms else True
 
 
-def optimizer_step(policy: GaussianUNetPolicy, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, bool]:
+def optimizer_step(policy: GaussianDenoisingPolicy, optimizer: torch.optim.Optimizer, max_grad_norm: float) -> tuple[float, bool]:
     """Clip, check and apply the accumulated gradients. Returns ``(grad_norm, applied)``.
 
     Non-finite gradients (from a NaN reward or loss) are dropped, never applied: the step is skipped.

@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                         time_limit_s=60 * args.minutes, seed=0)  # fmt: skip
     start = time.perf_counter()
     trainer = Trainer(cfg)
-    base = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", num_samples=64)
+    base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     trainer.train()
-    after = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", num_samples=64)
+    after = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     d = (after["reward_mean"] - base["reward_mean"]) / max(base["reward_std"], 1e-9)
     summary = {
         "env": ENV_ID, "algo": "ddpo-is", "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,

@@ -10,7 +10,7 @@ import torch
 
 from agents.config import TrainConfig
 from agents.core import collect_rollout, concat_rollouts
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 from agents.trainer import derive_seed, make_env
 
 # Held-out prompt sets of the named training sets (DDPO §6.3: generalisation to unseen prompts).
@@ -19,18 +19,20 @@ HELDOUT_SETS = {"tiny_train": "tiny_heldout"}
 
 @torch.no_grad()
 def evaluate_policy(
-    cfg: TrainConfig, unet: torch.nn.Module, prompts: str | Sequence[str], num_samples: int = 64, seed: int = 10_000,
-    batch_size: int | None = None,
+    cfg: TrainConfig, policy: GaussianDenoisingPolicy, prompts: str | Sequence[str], num_samples: int = 64,
+    seed: int = 10_000, batch_size: int | None = None,
 ) -> dict[str, Any]:
-    """Rewards of ``num_samples`` samples of ``unet`` on ``prompts`` at fixed seeds (same for every policy)."""
+    """Rewards of ``num_samples`` samples of ``policy`` on ``prompts`` at fixed seeds (same for every policy).
+
+    The env shares the policy's model family (nothing reloaded, each prompt encoded once)."""
     batch = min(batch_size or cfg.sample_batch_size, num_samples)
-    env = make_env(cfg, num_envs=batch, prompts=prompts)
-    policy = GaussianUNetPolicy(unet, env, reduction=cfg.log_prob_reduction)
+    env = make_env(cfg, num_envs=batch, prompts=prompts, model=policy.family)
     parts = []
     for b in range(int(np.ceil(num_samples / batch))):
         gen = torch.Generator(device=policy.device).manual_seed(derive_seed(seed, b, 1))
         parts.append(collect_rollout(env, policy, derive_seed(seed, b, 0) % 2**31, gen))
     ro = concat_rollouts(parts)
+    env.close()
     r = ro.rewards[:num_samples]
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "num_samples": int(len(r)),
             "rewards": r.tolist(), "prompts": list(ro.prompts[:num_samples]), "images": ro.images[:num_samples]}  # fmt: skip

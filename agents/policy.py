@@ -1,9 +1,13 @@
-"""``GaussianUNetPolicy``: the diffusion model as a stochastic policy over the denoising MDP.
+"""``GaussianDenoisingPolicy``: a diffusion model as a stochastic policy over the denoising MDP.
 
-π_θ(x_{t-1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I) with μ_θ built from the classifier-free-guided ε
-prediction of a UNet (:mod:`diffusion_env.step_math`). Guidance is used in training as well as in
-sampling ("CFG training", DDPO appendix B.1): the log-density being optimised is that of the guided
-sampler. The conditional and unconditional halves are batched into one UNet call.
+π_θ(x_{t-1} | x_t, c) = N(μ_θ(x_t, t, c), σ_t² I), with μ_θ and σ_t formed by the model family
+(:meth:`diffusion_env.models.ModelFamily.step_distribution`) from the classifier-free-guided prediction
+of the policy's network. Guidance is used in training as well as in sampling ("CFG training", DDPO
+appendix B.1): the log-density being optimised is that of the guided sampler. The conditional and
+unconditional halves are batched into one network call.
+
+The policy owns the trainable network, its speed settings and LoRA; it knows nothing of the family's
+internals (UNet or transformer, DDIM or flow matching): it hands the family a ``forward(x, t, cond)``.
 """
 
 from __future__ import annotations
@@ -15,41 +19,34 @@ import torch
 from torch import nn
 
 from agents.config import ATTENTION_IMPLS
-from diffusion_env.step_math import (
-    Reduction,
-    StepGaussian,
-    classifier_free_guidance,
-    ddim_step_gaussian,
-    previous_timestep,
-    sample_step,
-    step_log_prob,
-)
+from diffusion_env.models import Cond, ModelFamily
+from diffusion_env.step_math import Reduction, StepGaussian, sample_step, step_log_prob
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class GaussianUNetPolicy(nn.Module):
-    """A UNet-backed Gaussian policy for :class:`~diffusion_env.vector_env.DenoisingEnv`.
+class GaussianDenoisingPolicy(nn.Module):
+    """A network-backed Gaussian policy for :class:`~diffusion_env.vector_env.DenoisingEnv`, over any model family.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (the only trainable part).
-        env: the environment (vector, single or wrapped); the policy borrows its frozen parts: the
-            cached text encoder, the ᾱ table and the schedule. Nothing of the env is trained.
-        guidance_scale: classifier-free guidance weight (default: the env's).
-        eta: DDIM η (default: the env's).
+        network: the family's trainable network (a diffusers ``UNet2DConditionModel`` for SD v1); the
+            only trainable part (``self.network``).
+        family: the :class:`~diffusion_env.models.ModelFamily` the environment was built with (its
+            ``env.family``): conditioning, guidance, the step Gaussian, the regression target.
+        guidance_scale: classifier-free guidance weight (default: the family's schedule, i.e. the env's).
         reduction: how the per-dimension log-densities are combined: ``"mean"`` (the reference
             implementations' convention, for which DDPO's clip range 1e-4 was tuned) or ``"sum"``.
-        lora_rank: if set, freeze the UNet and train rank-``r`` LoRA adapters on its attention
-            projections (peft); otherwise every UNet parameter is trained.
-        channels_last: store the UNet's weights and feed its inputs in channels-last memory format
+        lora_rank: if set, freeze the network and train rank-``r`` LoRA adapters on its attention
+            projections (peft); otherwise every parameter is trained.
+        channels_last: store the network's weights and feed its inputs in channels-last memory format
             (faster convolutions with oneDNN on CPUs and with tensor cores). Same numbers up to rounding.
-        autocast_dtype: run UNet calls under ``torch.autocast`` in ``"bf16"`` or ``"fp16"`` (None: the
-            UNet's own dtype). The step Gaussian and log-densities are always computed in fp32.
-        compile_unet: call the UNet through ``torch.compile(unet, dynamic=False)``: each new batch
-            shape and grad mode compiles once (seconds to minutes); ``self.unet`` stays the plain
+        autocast_dtype: run network calls under ``torch.autocast`` in ``"bf16"`` or ``"fp16"`` (None: the
+            network's own dtype). The step Gaussian and log-densities are always computed in fp32.
+        compile_network: call the network through ``torch.compile(network, dynamic=False)``: each new batch
+            shape and grad mode compiles once (seconds to minutes); ``self.network`` stays the plain
             module, so parameter names and checkpoints are unchanged.
-        attention: None (keep the UNet's attention processors as they are), ``"sdpa"`` (diffusers'
+        attention: None (keep the network's attention processors as they are), ``"sdpa"`` (diffusers'
             default: ``F.scaled_dot_product_attention``'s fused kernels; the choice for long sequences
             such as SD v1.4's 4,096 latent positions) or ``"math"`` (diffusers' ``AttnProcessor``:
             batched matmuls and a softmax that autograd and ``torch.compile`` see through). On CPUs, for
@@ -61,42 +58,37 @@ class GaussianUNetPolicy(nn.Module):
 
     def __init__(
         self,
-        unet: nn.Module,
-        env: Any,
+        network: nn.Module,
+        family: ModelFamily,
         *,
         guidance_scale: float | None = None,
-        eta: float | None = None,
         reduction: Reduction = "mean",
         lora_rank: int | None = None,
         channels_last: bool = False,
         autocast_dtype: str | None = None,
-        compile_unet: bool = False,
+        compile_network: bool = False,
         attention: str | None = None,
     ):
         super().__init__()
-        core = getattr(env, "unwrapped", env)
-        core = getattr(core, "vector_env", core)  # a DenoisingSingleEnv delegates to its vector env
-        if not hasattr(core, "encode_prompts"):
-            raise ValueError(f"env is {type(core).__name__}; expected a DenoisingEnv (or a wrapper of one)")
+        if not isinstance(family, ModelFamily):
+            raise ValueError(f"family is {type(family).__name__}; expected a diffusion_env.models.ModelFamily "
+                             "(an env's .family), or build the policy with GaussianDenoisingPolicy.from_env(env)")  # fmt: skip
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction={reduction!r}; expected 'sum' or 'mean'")
-        self.env = core
-        self.guidance_scale = float(core.guidance_scale if guidance_scale is None else guidance_scale)
-        self.eta = float(core.eta if eta is None else eta)
-        if not self.eta > 0:
-            raise ValueError(f"eta={self.eta}; the policy has no density for eta <= 0. Use eta > 0 (DDPO: 1)")
+        self.family = family
+        self.guidance_scale = float(family.guidance_scale if guidance_scale is None else guidance_scale)
         if self.guidance_scale < 1:
             raise ValueError(f"guidance_scale={self.guidance_scale}; expected >= 1 (1 disables guidance)")
         self.reduction = reduction
         self.lora_rank = lora_rank
-        unet.to(core.device)
+        network.to(family.device)
         if lora_rank is not None:
             if lora_rank < 1:
                 raise ValueError(f"lora_rank={lora_rank}; expected a positive integer or None for full fine-tuning")
             from peft import LoraConfig
 
-            unet.requires_grad_(False)
-            unet.add_adapter(
+            network.requires_grad_(False)
+            network.add_adapter(
                 LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
                            target_modules=list(LORA_TARGETS))
             )  # fmt: skip
@@ -108,87 +100,60 @@ class GaussianUNetPolicy(nn.Module):
                 raise ValueError(f"attention={attention!r}; expected None or one of {list(ATTENTION_IMPLS)}")
             from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-            unet.set_attn_processor(AttnProcessor() if attention == "math" else AttnProcessor2_0())
+            network.set_attn_processor(AttnProcessor() if attention == "math" else AttnProcessor2_0())
         self.channels_last = bool(channels_last)
         if self.channels_last:
-            unet.to(memory_format=torch.channels_last)
-        self.unet = unet
+            network.to(memory_format=torch.channels_last)
+        self.network = network
         # A bound method, not a submodule: the compiled wrapper must not add "_orig_mod." parameter names.
-        self._unet_fn = torch.compile(unet, dynamic=False).__call__ if compile_unet else unet.__call__
-        self._uncond: torch.Tensor | None = None
-        self._episode_prompts: tuple[str, ...] | None = None
-        self._episode_embeds: torch.Tensor | None = None
+        self._network_fn = torch.compile(network, dynamic=False).__call__ if compile_network else network.__call__
 
     @classmethod
-    def from_env(cls, env: Any, unet: nn.Module | None = None, **kwargs: Any) -> GaussianUNetPolicy:
-        """Build the policy from the env's model (its ``unet/`` subfolder) unless ``unet`` is given."""
-        if unet is None:
-            from diffusion_env.components import load_unet
-
-            core = getattr(getattr(env, "unwrapped", env), "vector_env", getattr(env, "unwrapped", env))
-            if core.model_path is None:
-                raise ValueError("the env was built from in-memory components; pass unet= explicitly")
-            unet = load_unet(core.model_path)
-        return cls(unet, env, **kwargs)
+    def from_env(cls, env: Any, network: nn.Module | None = None, **kwargs: Any) -> GaussianDenoisingPolicy:
+        """The policy over ``env``'s model family, with the family's network unless ``network`` is given."""
+        family = getattr(getattr(env, "unwrapped", env), "family", None)
+        if not isinstance(family, ModelFamily):
+            raise ValueError(f"env is {type(env).__name__}; expected a DenoisingEnv or DenoisingSingleEnv (or a wrapper)")
+        return cls(family.load_network() if network is None else network, family, **kwargs)
 
     # ------------------------------------------------------------------ model evaluation
     @property
     def device(self) -> torch.device:
-        return self.env.device
+        return self.family.device
+
+    @property
+    def unet(self) -> nn.Module:
+        """The network under its SD-v1 name (kept for code written before the model seam)."""
+        return self.network
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return [p for p in self.network.parameters() if p.requires_grad]
 
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Embeddings ``[B, L, D]``; an episode's prompt tuple (the same object every step) is stacked once."""
-        if prompts is self._episode_prompts:
-            return self._episode_embeds
-        embeds = self.env.encode_prompts(prompts)
-        if isinstance(prompts, tuple):  # immutable: safe to key on identity
-            self._episode_prompts, self._episode_embeds = prompts, embeds
-        return embeds
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by name (the network's own names), detached, on the CPU."""
+        return {n: p.detach().contiguous().cpu() for n, p in self.network.named_parameters() if p.requires_grad}
 
-    def uncond_embedding(self) -> torch.Tensor:
-        if self._uncond is None:
-            self._uncond = self.env.encode_prompts([""])
-        return self._uncond
-
-    def unet_eps(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """One UNet call with this policy's speed settings (memory format, autocast, compile); fp32 ε."""
-        dtype = self.unet.dtype
-        x = x.to(dtype)
+    def forward_network(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """One network call with this policy's speed settings (memory format, autocast, compile); fp32 out."""
+        x = x.to(self.network.dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            out = self._unet_fn(x, t, encoder_hidden_states=cond.to(dtype)).sample
+            out = self.family.call_network(self._network_fn, x, t, cond)
         return out.float()
 
-    def guided_eps(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Guided ε for latents ``[B, C, H, W]``, timesteps ``[B]`` and text embeddings ``[B, L, D]``."""
-        if self.guidance_scale == 1.0:
-            return self.unet_eps(x_t, t, cond)
-        batch = x_t.shape[0]
-        uncond = self.uncond_embedding().expand(batch, -1, -1)
-        eps = self.unet_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond]))
-        eps_uncond, eps_cond = eps.chunk(2)
-        return classifier_free_guidance(eps_uncond, eps_cond, self.guidance_scale)
+    def prediction(self, x: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], guided: bool = True) -> torch.Tensor:
+        """The network's prediction for noised latents ``x`` at timesteps ``t``: classifier-free guided at the
+        policy's scale (``guided=True``, what sampling uses) or conditional only (regression losses)."""
+        scale = self.guidance_scale if guided else 1.0
+        return self.family.guided_prediction(self.forward_network, x, t.to(self.device), self.family.condition(prompts),
+                                             scale)  # fmt: skip
 
-    def distribution(
-        self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str] | None = None, embeds: torch.Tensor | None = None
-    ) -> StepGaussian:
+    def distribution(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> StepGaussian:
         """The Gaussian π(· | x_t, t, c) for a batch (``t`` may differ per row)."""
-        if embeds is None:
-            if prompts is None:
-                raise ValueError("pass prompts or embeds")
-            embeds = self.text_embeddings(prompts)
-        t = t.to(self.device)
-        eps = self.guided_eps(x_t, t, embeds)
-        env = self.env
-        t_prev = previous_timestep(t, env.num_train_timesteps, env.num_steps)
-        return ddim_step_gaussian(
-            eps, x_t.float(), t, t_prev, env.alphas_cumprod, env.final_alpha_cumprod, self.eta, env.clip_sample_range
-        )
+        cond = self.family.condition(prompts)
+        return self.family.step_distribution(self.forward_network, x_t, t.to(self.device), cond, self.guidance_scale)
 
     # ------------------------------------------------------------------ policy API
     @torch.no_grad()
@@ -204,7 +169,10 @@ class GaussianUNetPolicy(nn.Module):
             action = sample_step(gauss, noise)
         return action, step_log_prob(action, gauss.mean, gauss.std, self.reduction)
 
-    def log_prob(self, obs: dict[str, Any], action: torch.Tensor, embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def log_prob(self, obs: dict[str, Any], action: torch.Tensor) -> torch.Tensor:
         """Differentiable log π(action | obs); ``obs`` rows may come from different timesteps."""
-        gauss = self.distribution(obs["x_t"], obs["t"], obs.get("prompt"), embeds=embeds)
+        gauss = self.distribution(obs["x_t"], obs["t"], obs["prompt"])
         return step_log_prob(action.float(), gauss.mean, gauss.std, self.reduction)
+
+
+GaussianUNetPolicy = GaussianDenoisingPolicy  # the name before the model seam

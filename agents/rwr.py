@@ -1,23 +1,30 @@
-"""RWR: reward-weighted regression, the denoising problem seen as a one-step bandit (DDPO §4.2, A.2).
+"""RWR: reward-weighted regression on the model's own samples (DDPO §4.2, A.2, A.3, B.1).
 
-Only the prompt c, the final sample x_0 and its reward are used. The model is trained with the usual
-DDPM loss on its own samples, each weighted by a softmax of β times its (normalised) reward over
-the samples of the same prompt, so the weights of every prompt sum to 1:
+Only the final samples x_0 and their rewards are used. The model is trained with the denoising loss of
+its family (for SD v1 the DDPM ε loss) on its own samples, each weighted by a softmax of β times its
+reward over the samples of the same prompt (appendix A.3: "computing the softmax over rewards for each
+prompt independently"), so the weights of every prompt sum to 1:
 
-    loss = Σ_c Σ_{i: c_i = c} w_i ‖ε - ε_θ(√ᾱ_t x_0,i + √(1-ᾱ_t) ε, t, c)‖² / #prompts,
-    w_i = softmax_{i: c_i = c}(β A_i)
+    loss = Σ_c Σ_{i: c_i = c} w_i ‖target - pred_θ(x_t,i, t, c)‖² / #prompts,   x_t,i = noised(x_0,i, t, noise)
+    w_i = softmax_{i: c_i = c}(β r_i)
+
+β is an inverse temperature in the reward's units (appendix A.6: 0.2 for rewards of SD v1.4's tasks);
+the tiny presets set it per task so that β × the base model's reward spread is about 1 (agents/config.py).
+The prediction is the classifier-free-guided one at the policy's guidance scale ("CFG training",
+appendix B.1, Figure 8: essential for more than one round of sampling and training);
+``rwr_cfg_training=False`` trains the conditional prediction only, and ``rwr_weighting="advantage"``
+weighs by β × the normalised, clipped advantage instead of the reward (both kept for ablations).
 
 ``rwr_updates_per_epoch`` optimizer steps each draw ``train_batch_size`` samples with one random
-training timestep t ~ U{0, …, T-1} each. The conditional ε is used (no guidance: this is the
-pretraining loss).
+training timestep and noise each (from the model family).
 """
 
 from __future__ import annotations
 
 import torch
 
-from agents.core import optimizer_step, prompt_groups
-from agents.distributed import all_reduce_sum, local_samples
+from agents.core import RolloutBuffer, optimizer_step, prompt_groups
+from agents.distributed import all_reduce_sum
 
 
 def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
@@ -29,30 +36,29 @@ def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generator) -> dict[str, float]:
-    """Steps of the weighted DDPM loss on the rollout's x_0; ``weights`` [B] (normalised per prompt)."""
-    env = policy.env
-    B = rollout.num_samples  # all processes' samples (global indices)
-    device = weights.device
-    n_prompts = len(set(rollout.prompts))
+    """Steps of the weighted denoising loss on the rollout's x_0; ``weights`` [B] (normalised per prompt)."""
+    buffer = RolloutBuffer(rollout, weights, cfg.micro_batch_size)
+    family = policy.family
+    B, device = buffer.num_samples, weights.device  # all processes' samples (global indices)
+    latent_shape = tuple(buffer.local.latents.shape[2:])
+    guided = getattr(cfg, "rwr_cfg_training", True)
+    n_prompts = len(set(buffer.prompts))
     loss_sum, n_steps, skipped, norms = torch.zeros((), device=device), 0, 0, []
-    policy.unet.train()
+    policy.train()
     for _ in range(cfg.rwr_updates_per_epoch):
         idx = torch.randperm(B, generator=generator)[: cfg.train_batch_size]
-        t = torch.randint(0, env.num_train_timesteps, (len(idx),), generator=generator).to(device)
-        noise = torch.randn((len(idx), *env.latent_shape), generator=generator).to(device)
-        idx = idx.to(device)
+        t, noise = family.training_inputs(len(idx), latent_shape, generator)
+        t, noise, idx = t.to(device), noise.to(device), idx.to(device)
         # Importance of each drawn sample: its weight rescaled so the expectation is the full loss.
         w = weights[idx] * (B / len(idx)) / n_prompts
         # Several processes: keep the drawn samples this process holds (one process: all of them).
-        local, keep, lidx = local_samples(rollout, idx)
-        idx, t, noise, w = idx[keep], t[keep], noise[keep], w[keep]
-        a = env.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        x_t = a.sqrt() * local.latents[lidx, -1] + (1 - a).sqrt() * noise
-        for m in range(0, len(idx), cfg.micro_batch_size):
+        keep, x0, prompts = buffer.samples(idx)
+        t, noise, w = t[keep], noise[keep], w[keep]
+        x_t, target = family.noised(x0, t, noise)
+        for m in range(0, len(t), cfg.micro_batch_size):
             sl = slice(m, m + cfg.micro_batch_size)
-            cond = policy.text_embeddings([rollout.prompts[i] for i in idx[sl].tolist()])
-            eps = policy.unet(x_t[sl].to(policy.unet.dtype), t[sl], encoder_hidden_states=cond).sample.float()
-            per_sample = ((eps - noise[sl]) ** 2).mean(dim=(1, 2, 3))
+            pred = policy.prediction(x_t[sl], t[sl], prompts[sl], guided=guided)
+            per_sample = ((pred - target[sl]) ** 2).mean(dim=(1, 2, 3))
             loss = (w[sl] * per_sample).sum()
             loss.backward()
             loss_sum += loss.detach()
@@ -60,14 +66,20 @@ def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generato
         norms.append(norm)
         n_steps += 1
         skipped += not applied
-    policy.unet.eval()
+    policy.eval()
     loss_sum = all_reduce_sum(loss_sum)
     return {"losses/policy_loss": float(loss_sum) / max(n_steps, 1), "losses/grad_norm": sum(norms) / max(len(norms), 1),
             "losses/optimizer_steps": n_steps - skipped, "losses/skipped_steps": skipped}  # fmt: skip
 
 
+def rwr_weights(prompts, rewards: torch.Tensor, advantages: torch.Tensor, cfg) -> torch.Tensor:
+    """A.2/A.3: per-prompt softmax of β × reward; ``rwr_weighting="advantage"``: of β × the normalised advantage."""
+    scores = advantages if getattr(cfg, "rwr_weighting", "reward") == "advantage" else rewards.float()
+    return per_prompt_softmax(prompts, cfg.rwr_beta * scores)
+
+
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
-    weights = per_prompt_softmax(rollout.prompts, cfg.rwr_beta * advantages)
+    weights = rwr_weights(rollout.prompts, rollout.rewards, advantages, cfg)
     metrics = weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generator)
     metrics["losses/weight_max"] = float(weights.max())
     return metrics

@@ -39,7 +39,7 @@ import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents import distributed
 from agents.config import TrainConfig
 from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 from agents.registry import get_algo
 from agents.runtime import retain_freed_memory
 
@@ -66,6 +66,11 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     env = gym.make_vec(cfg.env_id, num_envs=num_envs or cfg.sample_batch_size,
                        vectorization_mode="vector_entry_point", **kwargs)  # fmt: skip
     return env.unwrapped
+
+
+def _no_reward(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+    """The reward of envs that only draw pictures (grids): zeros, nothing evaluated."""
+    return torch.zeros(len(prompts)), {}
 
 
 def _unserializable(obj: Any) -> str:
@@ -109,7 +114,7 @@ def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
 
 
 class Trainer:
-    """Trains a :class:`GaussianUNetPolicy` on a registered env with one of the registered algorithms."""
+    """Trains a :class:`GaussianDenoisingPolicy` on a registered env with one of the registered algorithms."""
 
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         self.cfg = cfg.validate()
@@ -129,9 +134,10 @@ class Trainer:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(derive_seed(cfg.seed))  # LoRA's random init derives from the run's seed too
             # LoRA, log-prob reduction and the opt-in speed-ups (channels_last, autocast, compile).
-            self.policy = GaussianUNetPolicy.from_env(self.env, **cfg.policy_kwargs())
+            self.policy = GaussianDenoisingPolicy.from_env(self.env, **cfg.policy_kwargs())
         self.dist.broadcast_parameters(self.policy.trainable_parameters())  # every process starts from rank 0's
-        self.policy.unet.eval()
+        self.policy.eval()
+        self._grid_env = None
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), cfg)
         self.tracker = PerPromptStatTracker(cfg.per_prompt_buffer_size, cfg.per_prompt_min_count)
         self.epoch = 0
@@ -267,10 +273,13 @@ class Trainer:
 
     @torch.no_grad()
     def sample_images(self, prompts: list[str], seed: int = 1234) -> torch.Tensor:
-        env = make_env(self.cfg, num_envs=len(prompts))
-        policy = GaussianUNetPolicy(self.policy.unet, env, reduction=self.cfg.log_prob_reduction)
-        gen = torch.Generator(device=policy.device).manual_seed(seed)
-        return collect_rollout(env, policy, seed, gen, prompts=prompts).images
+        """The policy's samples for ``prompts`` at fixed seeds, through an env sharing the run's model family
+        (nothing reloaded, no prompt encoded twice) and scoring nothing."""
+        if self._grid_env is None or self._grid_env.num_envs != len(prompts):
+            self._grid_env = make_env(self.cfg, num_envs=len(prompts), model=self.env.family, reward=_no_reward,
+                                      reward_kwargs=None, async_reward=False)  # fmt: skip
+        gen = torch.Generator(device=self.policy.device).manual_seed(seed)
+        return collect_rollout(self._grid_env, self.policy, seed, gen, prompts=prompts).images
 
     def write_grid(self, path: Path) -> None:
         if not self.dist.is_main:
@@ -307,7 +316,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().contiguous().cpu() for n, p in self.policy.unet.named_parameters() if p.requires_grad}
+        return self.policy.trainable_state()
 
     def save_checkpoint(self) -> Path:
         """Write ckpt-NNNN atomically (temp folder, fsync, rename), then repoint ``latest``."""
@@ -355,7 +364,7 @@ class Trainer:
             raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
                              "expected weights.safetensors, optimizer.safetensors and state.json") from exc  # fmt: skip
         try:  # only in-memory state changes here; the run directory is untouched until this succeeded
-            load_trainable_weights(self.policy.unet, weights)
+            load_trainable_weights(self.policy.network, weights)
             _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
             self.tracker.load_state_dict(state["tracker"])
         except Exception as exc:
@@ -378,9 +387,9 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_trainable_weights(unet: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load a checkpoint's trainable parameters into ``unet``; every key must match exactly."""
-    params = dict(unet.named_parameters())
+def load_trainable_weights(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's trainable parameters into ``network``; every key must match exactly."""
+    params = dict(network.named_parameters())
     unknown = [k for k in weights if k not in params]
     if unknown:
         raise ValueError(f"checkpoint has parameters this model lacks (e.g. {unknown[:3]}); "
@@ -395,18 +404,18 @@ def load_trainable_weights(unet: torch.nn.Module, weights: dict[str, torch.Tenso
             params[k].copy_(v)
 
 
-def _optimizer_to_flat(optimizer: torch.optim.Optimizer, policy: GaussianUNetPolicy):
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer, policy: GaussianDenoisingPolicy):
     """The optimizer's state dict as safetensors tensors plus JSON metadata (no pickle)."""
     sd = optimizer.state_dict()
     tensors = {f"{i}::{k}": torch.as_tensor(v).detach().contiguous().cpu() for i, st in sd["state"].items() for k, v in st.items()}
-    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    names = [n for n, p in policy.network.named_parameters() if p.requires_grad]
     meta = {"param_groups": sd["param_groups"], "param_names": names,
             "state_keys": {str(i): sorted(st) for i, st in sd["state"].items()}}  # fmt: skip
     return tensors, meta
 
 
 def _optimizer_from_flat(optimizer, policy, tensors, meta) -> None:
-    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    names = [n for n, p in policy.network.named_parameters() if p.requires_grad]
     if names != meta["param_names"]:
         raise ValueError("the checkpoint's optimizer was built for other parameters; was it written for another model?")
     state = {int(i): {k: tensors[f"{i}::{k}"] for k in keys} for i, keys in meta["state_keys"].items()}

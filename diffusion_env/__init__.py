@@ -3,14 +3,7 @@
 ``import diffusion_env`` registers the ``Denoise-*`` IDs (see :mod:`diffusion_env.registration`).
 """
 
-from diffusion_env.components import (
-    SD14_REPO,
-    TINY_MODEL_PATH,
-    FrozenComponents,
-    ModelNotFoundError,
-    load_components,
-    load_unet,
-)
+from diffusion_env.models import SD14_REPO, TINY_MODEL_PATH, ModelFamily, ModelNotFoundError, SD1Family, load_family
 from diffusion_env.env import DenoisingSingleEnv
 from diffusion_env.registration import register_all
 from diffusion_env.vector_env import DenoisingEnv
@@ -21,11 +14,11 @@ register_all()
 __all__ = [
     "DenoisingEnv",
     "DenoisingSingleEnv",
-    "FrozenComponents",
+    "ModelFamily",
     "ModelNotFoundError",
     "SB3Adapter",
     "SD14_REPO",
     "TINY_MODEL_PATH",
-    "load_components",
-    "load_unet",
+    "SD1Family",
+    "load_family",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-from diffusion_env.components import SD14_REPO, TINY_MODEL_PATH
+from diffusion_env.models import SD14_REPO, TINY_MODEL_PATH
 
 SINGLE_ENTRY = "diffusion_env.env:DenoisingSingleEnv"
 VECTOR_ENTRY = "diffusion_env.vector_env:DenoisingEnv"

@@ -14,9 +14,8 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from diffusion_env.components import FrozenComponents, load_components
+from diffusion_env.models import ModelFamily, load_family
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
-from diffusion_env.step_math import check_std, previous_timestep, schedule_std
 from rewards import AsyncRewardEvaluator, RewardError, check_reward_output, make_reward
 
 PROMPT_CHARSET = string.printable
@@ -43,8 +42,9 @@ class DenoisingEnv(VectorEnv):
     A state is s_t = (c, t, x_t): the prompt c, the sampler's timestep t and the latent x_t. An action
     is the next latent a_t = x_{t-1}. The environment is the deterministic "physics" of the MDP: it
     accepts x_{t-1} as the new state. The stochastic policy p_θ(x_{t-1} | x_t, c) — a Gaussian whose
-    mean and standard deviation :mod:`diffusion_env.step_math` computes — belongs to the agent, which
-    owns the UNet. The environment owns the frozen parts: scheduler, VAE, tokenizer and text encoder,
+    mean and standard deviation the model family computes (:meth:`ModelFamily.step_distribution`) —
+    belongs to the agent, which owns the network. The environment holds the model family
+    (:mod:`diffusion_env.models`: frozen parts, schedule, decoding; the policy takes the same object),
     the reward function and the prompt distribution.
 
     ## Observation space (per sub-environment)
@@ -63,7 +63,7 @@ class DenoisingEnv(VectorEnv):
 
     ## Starting state
     x_T ~ N(0, I) drawn from each sub-environment's own seeded generator, t = the first timestep of the
-    ``num_steps``-step DDIM schedule, c drawn from the prompt distribution with the same generator.
+    ``num_steps``-step schedule, c drawn from the prompt distribution with the same generator.
 
     ## Rewards
     0 on every step but the last. After the last step the latents x_0 are decoded by the VAE to images
@@ -85,8 +85,10 @@ class DenoisingEnv(VectorEnv):
 
     ## Arguments
     - ``num_envs``: number of lockstep trajectories.
-    - ``model``: a local folder or Hugging Face repo id of a Stable-Diffusion-layout model (loaded from the
-      cache only unless ``download=True``); or pass preloaded ``components``.
+    - ``model``: a local folder or Hugging Face repo id (loaded from the cache only unless
+      ``download=True``), or a loaded :class:`~diffusion_env.models.ModelFamily` (shared, not reloaded);
+      ``family``: the family's registered name (default: detected from the folder's layout, else
+      ``"sd1-ddim"``).
     - ``reward``: a registered reward name (:func:`rewards.make_reward`) or a callable; ``reward_kwargs``.
     - ``prompts``: a prompt-set name (:mod:`diffusion_env.prompts`), a list of prompts, or a callable
       ``np_random -> str``.
@@ -107,7 +109,7 @@ class DenoisingEnv(VectorEnv):
         self,
         num_envs: int = 1,
         *,
-        model: str | None = None,
+        model: str | ModelFamily | None = None,
         reward: str | Callable = "jpeg_incompressibility",
         reward_kwargs: dict[str, Any] | None = None,
         prompts: str | Sequence[str] | PromptSampler = "imagenet_animals",
@@ -119,7 +121,7 @@ class DenoisingEnv(VectorEnv):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str = torch.float32,
         download: bool = False,
-        components: FrozenComponents | None = None,
+        family: str | None = None,
         action_bound: float = 100.0,
         validate_actions: bool = True,
         decode_batch_size: int = 64,
@@ -157,54 +159,22 @@ class DenoisingEnv(VectorEnv):
         self.async_reward = bool(async_reward)
         self._evaluator = AsyncRewardEvaluator(self.reward_fn, max_workers=reward_workers) if async_reward else None
 
-        # 2. Frozen components.
-        if components is None:
-            if model is None:
-                raise ValueError("no model: pass model=<local path or Hugging Face repo id> or components=")
-            components = load_components(model, device=self.device, dtype=self.dtype, download=download)
-        else:
-            components.to(self.device, self.dtype)
-        self.components = components
-        self.model_path = components.model_path
-        scheduler = components.scheduler
-        cfg = scheduler.config
-        if cfg.prediction_type != "epsilon":
-            raise ValueError(f"scheduler prediction_type={cfg.prediction_type!r}; only 'epsilon' is supported")
-        if getattr(cfg, "thresholding", False):
-            raise ValueError("scheduler thresholding=True is not supported; use a scheduler without thresholding")
-        if num_steps > cfg.num_train_timesteps:
-            raise ValueError(
-                f"num_steps={num_steps} exceeds the scheduler's {cfg.num_train_timesteps} training timesteps"
-            )
-        self.clip_sample_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
-        self.num_train_timesteps = int(cfg.num_train_timesteps)
+        # 2. The model family: frozen parts and the sampling schedule (shared with the policy).
+        if model is None:
+            raise ValueError("no model: pass model=<local path, Hugging Face repo id, or a loaded ModelFamily>")
+        if isinstance(model, ModelFamily) and (model.device != self.device or model.dtype != self.dtype):
+            raise ValueError(f"the model family given is on {model.device} in {model.dtype}; expected the env's "
+                             f"device={self.device} and dtype={self.dtype}")  # fmt: skip
+        loaded = load_family(model, family=family, device=self.device, dtype=self.dtype, download=download)
+        self.family = loaded.with_schedule(self.num_steps, self.eta, self.guidance_scale)
+        self.model_path = self.family.model_path
+        self.num_train_timesteps = self.family.num_train_timesteps
+        self.timesteps = self.family.timesteps
 
-        # 3. Per-step tables, on the device (no host sync during an episode).
-        scheduler.set_timesteps(self.num_steps)
-        self.timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.long)
-        self.prev_timesteps = previous_timestep(self.timesteps, self.num_train_timesteps, self.num_steps)
-        self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
-        self.final_alpha_cumprod = torch.as_tensor(
-            scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device
-        )
-        check_std(
-            schedule_std(self.timesteps, self.prev_timesteps, self.alphas_cumprod, self.final_alpha_cumprod, self.eta)
-        )
-
-        # 4. Spaces.
-        vae_cfg = components.vae.config
-        self.vae_scale_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
-        self.height = int(height or vae_cfg.sample_size)
-        self.width = int(width or vae_cfg.sample_size)
-        if self.height % self.vae_scale_factor or self.width % self.vae_scale_factor:
-            raise ValueError(
-                f"height={self.height}, width={self.width}; expected multiples of the VAE factor {self.vae_scale_factor}"
-            )
-        self.latent_shape = (
-            int(vae_cfg.latent_channels),
-            self.height // self.vae_scale_factor,
-            self.width // self.vae_scale_factor,
-        )
+        # 3. Spaces.
+        self.height = int(height or self.family.default_size)
+        self.width = int(width or self.family.default_size)
+        self.latent_shape = self.family.latent_shape(self.height, self.width)
         self.single_observation_space = spaces.Dict(
             {
                 "prompt": spaces.Text(max_length=MAX_PROMPT_LENGTH, min_length=0, charset=PROMPT_CHARSET),
@@ -216,13 +186,12 @@ class DenoisingEnv(VectorEnv):
         self.observation_space = batch_space(self.single_observation_space, self.num_envs)
         self.action_space = batch_space(self.single_action_space, self.num_envs)
 
-        # 5. Episode state.
+        # 4. Episode state.
         self._env_rngs: list[np.random.Generator] | None = None
         self._step_index = -1  # -1: never reset
         self._needs_reset = True
         self._prompts: tuple[str, ...] = ()
         self._latents: torch.Tensor | None = None
-        self._embed_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last_images: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ frozen-model helpers
@@ -231,34 +200,9 @@ class DenoisingEnv(VectorEnv):
         """The finite prompt set of this env, or None for a callable distribution."""
         return finite_prompts(self.prompt_sampler)
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: Sequence[str], pooled: bool = False) -> torch.Tensor:
-        """Text-encoder hidden states ``[B, L, D]`` (or pooled ``[B, D]``), cached per prompt.
-
-        Each new prompt is encoded on its own, once: an embedding then never depends on which other
-        prompts happened to be encoded with it (batched kernels round differently with batch size),
-        so runs and resumed runs see bit-identical conditioning.
-        """
-        tok = self.components.tokenizer
-        for p in dict.fromkeys(prompts):
-            if p not in self._embed_cache:
-                ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(self.device)  # fmt: skip
-                out = self.components.text_encoder(ids)
-                self._embed_cache[p] = (out.last_hidden_state[0], out.pooler_output[0])
-        return torch.stack([self._embed_cache[p][1 if pooled else 0] for p in prompts])
-
-    @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode latents to images ``[B, 3, H, W]`` in [0, 1] (float32), in chunks."""
-        vae = self.components.vae
-        scale = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        out = []
-        for chunk in latents.split(self.decode_batch_size):
-            z = chunk.to(self.dtype) / scale + shift
-            out.append(vae.decode(z).sample.float())
-        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
+        """Decode latents to images ``[B, 3, H, W]`` in [0, 1] (float32), ``decode_batch_size`` at a time."""
+        return self.family.decode(latents, self.decode_batch_size)
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: int | list[int] | None = None, options: dict[str, Any] | None = None):
@@ -307,12 +251,10 @@ class DenoisingEnv(VectorEnv):
         for rng in self._env_rngs:
             g = torch.Generator().manual_seed(int(rng.integers(2**63)))
             noise.append(torch.randn(self.latent_shape, generator=g))
-        init_sigma = float(getattr(self.components.scheduler, "init_noise_sigma", 1.0))
-        self._latents = (torch.stack(noise) * init_sigma).to(self.device, torch.float32)
+        self._latents = self.family.initial_latents(torch.stack(noise)).to(self.device, torch.float32)
         self._step_index = 0
         self._needs_reset = False
         self._last_images = None
-        self.encode_prompts(self._prompts)  # warm the cache once per episode, not per step
         return self._observation(), {}
 
     def step(self, actions):

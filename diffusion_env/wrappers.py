@@ -18,10 +18,10 @@ class SB3Adapter(gym.ObservationWrapper):
     def __init__(self, env: gym.Env):
         super().__init__(env)
         inner = env.unwrapped
-        if not hasattr(inner, "encode_prompts"):
+        if not hasattr(inner, "family"):
             raise ValueError(f"SB3Adapter wraps a DenoisingSingleEnv; got {type(inner).__name__}")
-        self._inner = inner
-        dim = int(inner.components.text_encoder.config.hidden_size)
+        self._family = inner.family
+        dim = int(self._family.pooled_embedding([""]).shape[-1])
         self._num_train_timesteps = inner.num_train_timesteps
         x_space = env.observation_space["x_t"]
         self.observation_space = spaces.Dict(
@@ -33,7 +33,7 @@ class SB3Adapter(gym.ObservationWrapper):
         )
 
     def observation(self, observation):
-        emb = self._inner.encode_prompts([observation["prompt"]], pooled=True)[0]
+        emb = self._family.pooled_embedding([observation["prompt"]])[0]
         return {
             "prompt_embedding": emb.float().cpu().numpy(),
             "t": np.array([observation["t"] / self._num_train_timesteps], dtype=np.float32),
