@@ -20,7 +20,7 @@ from torch import nn
 
 from agents.config import ATTENTION_IMPLS
 from diffusion_env.models import Cond, ModelFamily
-from diffusion_env.step_math import Reduction, StepGaussian, sample_step, step_log_prob
+from diffusion_env.step_math import Reduction, StepGaussian, step_log_prob
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -161,12 +161,7 @@ class GaussianDenoisingPolicy(nn.Module):
         self, obs: dict[str, Any], generator: torch.Generator | None = None, deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample x_{t-1} for a batched observation; returns ``(action, log_prob)`` (fp32)."""
-        gauss = self.distribution(obs["x_t"], obs["t"], obs["prompt"])
-        if deterministic:
-            action = gauss.mean
-        else:
-            noise = torch.randn(gauss.mean.shape, generator=generator, device=self.device, dtype=torch.float32)
-            action = sample_step(gauss, noise)
+        action, gauss = self.family.sample(self.forward_network, obs, self.guidance_scale, generator, deterministic)
         return action, step_log_prob(action, gauss.mean, gauss.std, self.reduction)
 
     def log_prob(self, obs: dict[str, Any], action: torch.Tensor) -> torch.Tensor:

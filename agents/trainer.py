@@ -68,11 +68,6 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     return env.unwrapped
 
 
-def _no_reward(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
-    """The reward of envs that only draw pictures (grids): zeros, nothing evaluated."""
-    return torch.zeros(len(prompts)), {}
-
-
 def _unserializable(obj: Any) -> str:
     return f"<not serializable: {obj!r}>"
 
@@ -276,7 +271,7 @@ class Trainer:
         """The policy's samples for ``prompts`` at fixed seeds, through an env sharing the run's model family
         (nothing reloaded, no prompt encoded twice) and scoring nothing."""
         if self._grid_env is None or self._grid_env.num_envs != len(prompts):
-            self._grid_env = make_env(self.cfg, num_envs=len(prompts), model=self.env.family, reward=_no_reward,
+            self._grid_env = make_env(self.cfg, num_envs=len(prompts), model=self.env.family, reward="none",
                                       reward_kwargs=None, async_reward=False)  # fmt: skip
         gen = torch.Generator(device=self.policy.device).manual_seed(seed)
         return collect_rollout(self._grid_env, self.policy, seed, gen, prompts=prompts).images

@@ -21,7 +21,7 @@ import torch
 
 import diffusion_env  # noqa: F401
 from agents.core import collect_rollout, resolve_rewards
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 
 
 def _free_reward(images, prompts):
@@ -33,7 +33,7 @@ def run(env_id: str, num_envs: int, batches: int, async_reward: bool, unet=None,
         kwargs = {**kwargs, "reward": _free_reward}
     env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point",
                        async_reward=async_reward, **kwargs).unwrapped  # fmt: skip
-    policy = GaussianUNetPolicy.from_env(env, unet=unet)
+    policy = GaussianDenoisingPolicy.from_env(env, network=unet)
     reward_s = 0.0
     if not async_reward:  # time the reward alone inside the sync env
         inner = env.reward_fn
@@ -53,7 +53,7 @@ def run(env_id: str, num_envs: int, batches: int, async_reward: bool, unet=None,
     rewards = torch.cat([resolve_rewards(p).rewards for p in parts])
     wall = time.perf_counter() - t0
     env.close()
-    return {"wall_s": wall, "reward_s": reward_s, "reward_mean": float(rewards.mean()), "unet": policy.unet}
+    return {"wall_s": wall, "reward_s": reward_s, "reward_mean": float(rewards.mean()), "unet": policy.network}
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 from diffusion_env import TINY_MODEL_PATH, DenoisingEnv
 
 
@@ -33,8 +33,8 @@ def measure(num_envs: int = 64, num_steps: int = 20, episodes: int = 3, model: s
     path = _model(model)
     env = DenoisingEnv(num_envs, model=path, prompts=["a cat", "a dog", "a red circle"], num_steps=num_steps,
                        reward="jpeg_incompressibility")  # fmt: skip
-    policy = GaussianUNetPolicy.from_env(env)
-    policy.unet.eval()
+    policy = GaussianDenoisingPolicy.from_env(env)
+    policy.eval()
     gen = torch.Generator().manual_seed(0)
     loop_s, unet_s, env_step_s, terminal_s = 0.0, 0.0, 0.0, 0.0
     with torch.no_grad():
@@ -62,12 +62,12 @@ def measure(num_envs: int = 64, num_steps: int = 20, episodes: int = 3, model: s
             # The same UNet calls alone (guided: cond + uncond halves in one call).
             u0 = time.perf_counter()
             for x, t, prompts in states:
-                policy.guided_eps(x, t, policy.text_embeddings(prompts))
+                policy.prediction(x, t, prompts)
             unet_s += time.perf_counter() - u0
     steps = episodes * num_steps
     return {
         "num_envs": num_envs, "num_steps": num_steps, "episodes": episodes, "model": model,
-        "unet_params_M": sum(p.numel() for p in policy.unet.parameters()) / 1e6,
+        "unet_params_M": sum(p.numel() for p in policy.network.parameters()) / 1e6,
         "step_loop_ms_per_step": 1e3 * loop_s / steps,
         "unet_ms_per_step": 1e3 * unet_s / steps,
         "env_overhead_ms_per_step": 1e3 * (loop_s - unet_s) / steps,

@@ -69,10 +69,11 @@ def base_stats(task: str, args) -> dict:
         "tiny", "ddpo-is", env_id=task, run_dir=str(args.runs / task / "_base"), progress=False
     )
     from agents.trainer import make_env
-    from diffusion_env.components import load_unet
+    from benchmarks.leaderboard import base_policy
 
-    unet = load_unet(make_env(cfg, num_envs=1).model_path)
-    ev = evaluate_policy(cfg, unet, "tiny_train", args.eval_samples)
+    env = make_env(cfg, num_envs=1)
+    ev = evaluate_policy(cfg, base_policy(env.family), "tiny_train", args.eval_samples)
+    env.close()
     res = {"reward_mean": ev["reward_mean"], "reward_std": ev["reward_std"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -97,7 +98,7 @@ def run(task: str, algo: str, seed: int, args) -> dict:
     trainer.train()
     base = base_stats(task, args)
     try:
-        ev = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", args.eval_samples)
+        ev = evaluate_policy(cfg, trainer.policy, "tiny_train", args.eval_samples)
         eval_reward, d, diverged = ev["reward_mean"], (ev["reward_mean"] - base["reward_mean"]) / base["reward_std"], None
     except ValueError as exc:  # the env refuses the fine-tuned policy's non-finite or runaway latents
         eval_reward, d, diverged = None, None, str(exc)

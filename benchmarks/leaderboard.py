@@ -47,8 +47,9 @@ import numpy as np
 import torch
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+from agents import distributed
 from agents.config import preset_config
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 from agents.registry import registered_algos
 
 TASKS = (
@@ -93,14 +94,12 @@ def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
 # ---------------------------------------------------------------------------------------------- drift
 @torch.no_grad()
 def drift_from_base(
-    cfg, unet: torch.nn.Module, base_unet: torch.nn.Module, num_samples: int, seed: int
+    cfg, ft: GaussianDenoisingPolicy, base: GaussianDenoisingPolicy, num_samples: int, seed: int
 ) -> dict:
     """KL to the base model along fine-tuned trajectories, and the captioner's fidelity of the samples."""
     from agents.trainer import derive_seed, make_env
 
-    env = make_env(cfg, num_envs=num_samples)
-    ft = GaussianUNetPolicy(unet, env, reduction=cfg.log_prob_reduction)
-    base = GaussianUNetPolicy(base_unet, env, reduction=cfg.log_prob_reduction)
+    env = make_env(cfg, num_envs=num_samples, model=ft.family)
     gen = torch.Generator(device=ft.device).manual_seed(derive_seed(seed, 7))
     obs, _ = env.reset(seed=derive_seed(seed, 8) % 2**31)
     kls, info = [], {}
@@ -124,19 +123,24 @@ def drift_from_base(
     return out
 
 
-def evaluate_run(cfg, unet, base_unet, args) -> dict[str, Any]:
+def base_policy(family) -> GaussianDenoisingPolicy:
+    """The pretrained model as a policy over ``family`` (what every run is compared with)."""
+    return GaussianDenoisingPolicy(family.load_network(), family)
+
+
+def evaluate_run(cfg, policy: GaussianDenoisingPolicy, base: GaussianDenoisingPolicy, args) -> dict[str, Any]:
     from agents.evaluate import HELDOUT_SETS, evaluate_policy, heldout_prompt_set
 
     out: dict[str, Any] = {}
     import gymnasium as gym
 
     train_prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
-    out["train_eval"] = evaluate_policy(cfg, unet, train_prompts, num_samples=args.eval_samples)[
+    out["train_eval"] = evaluate_policy(cfg, policy, train_prompts, num_samples=args.eval_samples)[
         "reward_mean"
     ]
     heldout = heldout_prompt_set(cfg) or HELDOUT_SETS.get("tiny_train")
-    out["heldout_eval"] = evaluate_policy(cfg, unet, heldout, num_samples=args.eval_samples)["reward_mean"]
-    out.update(drift_from_base(cfg, unet, base_unet, args.eval_samples, seed=10_000))
+    out["heldout_eval"] = evaluate_policy(cfg, policy, heldout, num_samples=args.eval_samples)["reward_mean"]
+    out.update(drift_from_base(cfg, policy, base, args.eval_samples, seed=10_000))
     return out
 
 
@@ -145,11 +149,11 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
     """Train and evaluate one run unless its result.json exists. Returns ``(result, ran)``."""
     from agents.trainer import Trainer
     from benchmarks.rundirs import set_aside_if_stale
-    from diffusion_env.components import load_unet
 
     cfg = run_config(task, algo, seed, args)
     run_dir = Path(cfg.run_dir)
-    set_aside_if_stale(run_dir, cfg)  # a preset changed since this run: redo it, keep the old folder
+    dist = distributed.context()
+    dist.on_main(lambda: set_aside_if_stale(run_dir, cfg))  # a preset changed: redo it, keep the old folder
     done = run_dir / "result.json"
     if done.exists():
         return json.loads(done.read_text()), False
@@ -158,7 +162,6 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
     trainer = Trainer(cfg, resume=resume)
     trainer.train()
     train_s = time.perf_counter() - t0
-    base_unet = load_unet(trainer.env.model_path)
     result = {
         "task": task, "algo": algo, "seed": seed, "budget": args.budget, "resumed": resume,
         "reward_queries": trainer.reward_queries, "epochs": trainer.epoch,
@@ -166,19 +169,21 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
         "curve": [[h["charts/reward_queries"], h["charts/reward_mean"]] for h in trainer.history],
         "train_s": train_s,
     }  # fmt: skip
-    result.update(evaluate_run(cfg, trainer.policy.unet, base_unet, args))
-    result["total_s"] = time.perf_counter() - t0
-    tmp = done.with_name(".result.json.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, done)
+
+    def evaluate_and_write() -> None:  # the main process evaluates and writes; the others read the result
+        result.update(evaluate_run(cfg, trainer.policy, base_policy(trainer.env.family), args))
+        result["total_s"] = time.perf_counter() - t0
+        tmp = done.with_name(".result.json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        os.replace(tmp, done)
+
+    dist.on_main(evaluate_and_write)
     trainer.env.close()
-    return result, True
+    return json.loads(done.read_text()), True
 
 
 def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
     """The base model's evaluation on the task (cached like a run, in ``<runs>/<task>/base.json``)."""
-    from diffusion_env.components import load_unet
-
     path = args.runs / task / "base.json"
     if path.exists():
         return json.loads(path.read_text())
@@ -186,8 +191,9 @@ def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
     from agents.trainer import make_env
 
     env = make_env(cfg, num_envs=1)
-    unet = load_unet(env.model_path)
-    res = {"task": task, "algo": "base model", **evaluate_run(cfg, unet, unet, args)}
+    base = base_policy(env.family)
+    res = {"task": task, "algo": "base model", **evaluate_run(cfg, base, base, args)}
+    env.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
     return res
@@ -328,20 +334,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    dist = distributed.init()  # under torchrun: every run trains on all processes; the main one evaluates, writes
     # Seed-major order: a leaderboard stopped early still has every (task, algorithm) at seed 0.
     plan = [(t, a, s) for s in range(args.seeds) for t in args.tasks for a in args.algos]
     results, bases, ran = [], {}, 0
     for task in args.tasks:
-        bases[task] = base_reference(task, args)
+        dist.on_main(lambda task=task: base_reference(task, args))
+        bases[task] = base_reference(task, args)  # cached by the main process: every process reads it
     for i, (task, algo, seed) in enumerate(plan):
         t0 = time.perf_counter()
         res, did = run_one(task, algo, seed, args)
         ran += did
         results.append(res)
         state = f"{time.perf_counter() - t0:.0f} s" if did else "done before, skipped"
+        if not dist.is_main:
+            continue
         print(f"[{i + 1}/{len(plan)}] {task} {algo} seed {seed}: final reward {res['final_reward']:.4g}, "
               f"held-out {res['heldout_eval']:.4g}, KL/step {res['kl_to_base']:.3g} ({state})", flush=True)  # fmt: skip
         write_outputs(results, bases, args, pending=len(plan) - i - 1)
+    if not dist.is_main:
+        return {"ran": ran, "skipped": len(plan) - ran}
     out = write_outputs(results, bases, args, pending=0)
     out["ran"], out["skipped"] = ran, len(plan) - ran
     print((args.out / "leaderboard.md").read_text())

@@ -27,10 +27,9 @@ import torch
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents.config import ATTENTION_IMPLS, preset_config
-from agents.core import collect_rollout, flat_pairs, make_optimizer
-from agents.policy import GaussianUNetPolicy
+from agents.core import RolloutBuffer, collect_rollout, make_optimizer
+from agents.policy import GaussianDenoisingPolicy
 from agents.trainer import make_env
-from diffusion_env.components import load_unet
 
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": None}
 
@@ -74,25 +73,26 @@ def main(argv=None) -> dict[str, Any]:
                         sample_batch_size=args.samples, samples_per_epoch=args.samples, num_steps=args.steps,
                         train_batch_size=args.samples).validate()  # fmt: skip
     env = make_env(cfg)
-    path = env.model_path
+    family = env.family
     torch.manual_seed(args.seed)
-    full = GaussianUNetPolicy(load_unet(path), env, attention=args.attention)
-    low = GaussianUNetPolicy(load_unet(path), env, attention=args.attention, autocast_dtype=DTYPES[args.dtype])
+    full = GaussianDenoisingPolicy(family.load_network(), family, attention=args.attention)
+    low = GaussianDenoisingPolicy(family.load_network(), family, attention=args.attention,
+                                  autocast_dtype=DTYPES[args.dtype])  # fmt: skip
 
     # 1. Trajectories and one micro-batch of pairs.
     rollout = collect_rollout(env, full, args.seed, torch.Generator().manual_seed(args.seed))
     S = rollout.num_steps
     pairs = torch.randperm(rollout.num_samples * S, generator=torch.Generator().manual_seed(args.seed))[: args.pairs]
-    batch = flat_pairs(rollout, pairs // S, pairs % S)
+    batch = RolloutBuffer(rollout, rollout.rewards, len(pairs)).pairs(pairs // S, pairs % S, rollout.rewards, len(pairs))
 
-    def log_probs(policy: GaussianUNetPolicy) -> torch.Tensor:
-        policy.unet.train()
+    def log_probs(policy: GaussianDenoisingPolicy) -> torch.Tensor:
+        policy.train()
         with torch.enable_grad():
-            return policy.log_prob(batch, batch["action"]).detach()
+            return policy.log_prob(batch.obs, batch.actions).detach()
 
     # 2. θ_0.
     full0, low0 = log_probs(full), log_probs(low)
-    theta0 = {k: v.clone() for k, v in full.unet.state_dict().items()}
+    theta0 = {k: v.clone() for k, v in full.network.state_dict().items()}
     dev0 = (low0 - full0).abs()
     result: dict[str, Any] = {
         "dtype": args.dtype, "pairs": len(pairs), "model": model or "env default", "attention": args.attention,
@@ -100,13 +100,13 @@ def main(argv=None) -> dict[str, Any]:
     }  # fmt: skip
     for lr in args.lr:
         # 3. One AdamW step from θ_0 on the fp32 policy; the same new weights for the other.
-        full.unet.load_state_dict(theta0)
+        full.network.load_state_dict(theta0)
         adv = torch.randn(len(pairs), generator=torch.Generator().manual_seed(args.seed + 1))
         optimizer = make_optimizer(full.trainable_parameters(), cfg.replace(learning_rate=lr))
-        full.unet.train()
-        (-(adv * (full.log_prob(batch, batch["action"]) - full0).exp()).mean()).backward()
+        full.train()
+        (-(adv * (full.log_prob(batch.obs, batch.actions) - full0).exp()).mean()).backward()
         optimizer.step()
-        low.unet.load_state_dict(full.unet.state_dict())
+        low.network.load_state_dict(full.network.state_dict())
         # 4. θ_1 and the log-ratios.
         full_ratio, low_ratio = log_probs(full) - full0, log_probs(low) - low0
         diff = (low_ratio - full_ratio).abs()

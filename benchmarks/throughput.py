@@ -53,17 +53,18 @@ import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents.config import ATTENTION_IMPLS, preset_config
 from agents.core import (
     PerPromptStatTracker,
+    RolloutBuffer,
+    clipped_surrogate,
     collect_rollout,
     concat_rollouts,
-    flat_pairs,
     make_optimizer,
     optimizer_step,
 )
-from agents.policy import GaussianUNetPolicy
+from agents.policy import GaussianDenoisingPolicy
 from agents.registry import get_algo
 from agents.runtime import retain_freed_memory
 from agents.trainer import derive_seed, make_env
-from diffusion_env.components import TINY_MODEL_PATH
+from diffusion_env.models import TINY_MODEL_PATH
 
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
 TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
@@ -210,12 +211,12 @@ class TimedReward:
 
 
 class UNetRecorder:
-    """Records the inputs of every ``policy.unet_eps`` call while ``on``; replays them alone."""
+    """Records the inputs of every ``policy.forward_network`` call while ``on``; replays them alone."""
 
-    def __init__(self, policy: GaussianUNetPolicy):
+    def __init__(self, policy: GaussianDenoisingPolicy):
         self.policy, self.calls, self.on = policy, [], False
-        self._call = policy.unet_eps
-        policy.unet_eps = self  # instance attribute: guided_eps now calls the recorder
+        self._call = policy.forward_network
+        policy.forward_network = self  # instance attribute: the policy's network calls now go through the recorder
 
     def __call__(self, x, t, cond):
         if self.on:
@@ -226,7 +227,8 @@ class UNetRecorder:
             # precision) is a forward-only call, and replaying it with a backward would overstate the
             # pure UNet time.
             # And the grad mode: a forward with autograd on runs another (compiled) graph than one without.
-            entry = [x.detach().clone(), t.clone(), cond.detach().clone(), False, self.policy.unet.training,
+            entry = [x.detach().clone(), t.clone(), {k: v.detach().clone() for k, v in cond.items()}, False,
+                     self.policy.network.training,
                      torch.is_grad_enabled()]  # fmt: skip
             self.calls.append(entry)
             out = self._call(x, t, cond)
@@ -243,9 +245,9 @@ class UNetRecorder:
         """Seconds of the recorded calls run alone, each in its grad mode, backward where one ran:
         ``(sampling calls, training calls)`` (calls made in the module's eval / train mode)."""
         device = str(self.policy.device)
-        seconds, was_training = [0.0, 0.0], self.policy.unet.training
+        seconds, was_training = [0.0, 0.0], self.policy.network.training
         for x, t, cond, backward, training, grad_mode in self.calls:
-            self.policy.unet.train(training)
+            self.policy.network.train(training)
             _sync(device)
             t0 = time.perf_counter()
             with torch.set_grad_enabled(grad_mode):
@@ -254,8 +256,8 @@ class UNetRecorder:
                     out.backward(torch.ones_like(out))
             _sync(device)
             seconds[training] += time.perf_counter() - t0
-        self.policy.unet.train(was_training)
-        for p in self.policy.unet.parameters():
+        self.policy.network.train(was_training)
+        for p in self.policy.network.parameters():
             p.grad = None
         return seconds[0], seconds[1]
 
@@ -268,16 +270,16 @@ class UNetRecorder:
         from diffusers.models.attention_processor import AttnProcessor
         from torch.utils.flop_counter import FlopCounterMode
 
-        unet, per_row, total = self.policy.unet, {}, 0
+        unet, family, per_row, total = self.policy.network, self.policy.family, {}, 0
         processors = unet.attn_processors
         unet.set_attn_processor(AttnProcessor())
         for x, t, cond, grad, *_ in self.calls:
-            key = (tuple(x.shape[1:]), tuple(cond.shape[1:]), grad)
+            key = (tuple(x.shape[1:]), tuple(tuple(v.shape[1:]) for v in cond.values()), grad)
             if key not in per_row:
                 rows = min(4, x.shape[0])
                 counter = FlopCounterMode(display=False)
                 with counter, torch.set_grad_enabled(grad):
-                    out = unet(x[:rows], t[:rows], encoder_hidden_states=cond[:rows]).sample
+                    out = family.call_network(unet, x[:rows], t[:rows], {k: v[:rows] for k, v in cond.items()})
                     if grad:
                         out.backward(torch.ones_like(out))
                 per_row[key] = counter.get_total_flops() / rows
@@ -301,32 +303,29 @@ def reference_update(
     B, S = rollout.num_samples, rollout.num_steps
     device = rollout.latents.device
     first_dev = None
-    policy.unet.train()
+    policy.train()
+    buffer = RolloutBuffer(rollout, advantages, B)
     order = torch.randperm(B, generator=generator)
     for start in range(0, B, cfg.train_batch_size):
         idx = order[start : start + cfg.train_batch_size]
         perms = torch.stack([torch.randperm(S, generator=generator) for _ in range(len(idx))])
         for j in range(S):
             sample_idx, step_idx = idx.to(device), perms[:, j].to(device)
-            batch = flat_pairs(rollout, sample_idx, step_idx)
-            log_ratio = policy.log_prob(batch, batch["action"]) - batch["old_log_prob"]
-            ratio = log_ratio.exp()
-            adv = advantages[sample_idx]
-            clipped = ratio.clamp(1.0 - cfg.clip_range, 1.0 + cfg.clip_range)
-            loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
-            (loss / S).backward()
+            batch = buffer.pairs(sample_idx, step_idx, advantages[sample_idx], len(idx) * S)
+            log_ratio = policy.log_prob(batch.obs, batch.actions) - batch.old_log_probs
+            (clipped_surrogate(log_ratio, batch.advantages, cfg.clip_range).mean() / S).backward()
             if first_dev is None:
                 first_dev = log_ratio.detach().abs().max()
         optimizer_step(policy, optimizer, cfg.max_grad_norm)
-    policy.unet.eval()
+    policy.eval()
     return {"losses/ratio_dev_first": float(first_dev)}
 
 
 def build_side(cfg, name: str) -> SimpleNamespace:
     """Env, policy, optimizer and stat tracker of one side of the comparison."""
     env = make_env(cfg)
-    policy = GaussianUNetPolicy.from_env(env, **cfg.policy_kwargs())
-    policy.unet.eval()
+    policy = GaussianDenoisingPolicy.from_env(env, **cfg.policy_kwargs())
+    policy.eval()
     reward = TimedReward(env.reward_fn, cfg.device)
     env.reward_fn = reward
     return SimpleNamespace(
@@ -456,7 +455,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--attention", choices=ATTENTION_IMPLS,
-        help="optimised side's attention kernels (agents.policy.GaussianUNetPolicy): default math on CPU "
+        help="optimised side's attention kernels (agents.policy.GaussianDenoisingPolicy): default math on CPU "
         "(short sequences: faster, and torch's CPU flash-attention backward is slow in bf16), sdpa on GPU",
     )  # fmt: skip
     p.add_argument(
@@ -552,7 +551,7 @@ def main(argv=None) -> dict[str, Any]:
         sides.insert(0, build_side(base_cfg, "baseline"))
     env = sides[-1].env
     settings = {"env_id": args.env, "model": model or "env default", "model_kind": model_kind,
-                "unet_params_m": sum(p.numel() for p in sides[-1].policy.unet.parameters()) / 1e6,
+                "unet_params_m": sum(p.numel() for p in sides[-1].policy.network.parameters()) / 1e6,
                 "samples_per_epoch": args.samples, "num_steps": env.num_steps, "guidance_scale": env.guidance_scale,
                 "preset": args.preset, "algo": "ddpo-is", "timestep_fraction": opt_cfg.timestep_fraction,
                 "num_inner_epochs": opt_cfg.num_inner_epochs, "lora_rank": opt_cfg.lora_rank,

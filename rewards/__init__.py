@@ -65,6 +65,14 @@ def make_reward(name_or_fn: str | RewardFn | Mapping[Any, float], **kwargs: Any)
     return _REGISTRY[name_or_fn](**kwargs)
 
 
+def no_reward(images, prompts):
+    """``reward="none"``: zeros, nothing evaluated (envs that only draw pictures: grids, sample tools)."""
+    import torch
+
+    return torch.zeros(len(prompts)), {}
+
+
+register_reward("none", lambda: no_reward)
 register_reward("jpeg_compressibility", JpegCompressibility)
 register_reward("jpeg_incompressibility", JpegIncompressibility)
 register_reward("weighted_sum", WeightedSum)

@@ -1,31 +1,27 @@
 """Put your own algorithm on the leaderboard: plain REINFORCE with a baseline, registered from outside.
 
 python -m benchmarks.examples.my_algo --quick          # or any benchmarks.leaderboard option
+torchrun --nproc_per_node 2 -m benchmarks.examples.my_algo --quick    # the same, on two processes
 """
 
 import sys
 
-import torch
-
-from agents.core import flat_pairs, optimizer_step
+from agents.core import RolloutBuffer, optimizer_step
 from agents.registry import register_algo
 from benchmarks import leaderboard
 
 
 def reinforce(policy, optimizer, rollout, advantages, cfg, generator, tracker=None):
     """Loss -A · Σ_t log π(a_t | s_t) per sample; A is the per-prompt-normalised reward (the baseline)."""
-    B, S, dev = rollout.num_samples, rollout.num_steps, rollout.latents.device
-    policy.unet.train()
-    order, norm = torch.randperm(B, generator=generator), 0.0
-    for start in range(0, B, cfg.train_batch_size):
-        idx = order[start : start + cfg.train_batch_size]
-        s, j = idx.repeat_interleave(S).to(dev), torch.arange(S).repeat(len(idx)).to(dev)
-        for m in range(0, len(s), cfg.micro_batch_size):
-            sm, jm = s[m : m + cfg.micro_batch_size], j[m : m + cfg.micro_batch_size]
-            batch = flat_pairs(rollout, sm, jm)
-            (-(advantages[sm] * policy.log_prob(batch, batch["action"])).sum() / len(idx)).backward()
+    buffer = RolloutBuffer(rollout, advantages, cfg.micro_batch_size)  # shuffles, batches, shards
+    policy.train()
+    norm = 0.0
+    for step in buffer.train_steps(cfg.train_batch_size, generator):  # every timestep of train_batch_size samples
+        for b in buffer.micro_batches(step):
+            log_prob = policy.log_prob(b.obs, b.actions)
+            (-(b.advantages * log_prob).sum() * buffer.num_steps / b.num_step_pairs).backward()  # mean over samples
         norm, _ = optimizer_step(policy, optimizer, cfg.max_grad_norm)
-    policy.unet.eval()
+    policy.eval()
     return {"losses/grad_norm": norm}
 
 

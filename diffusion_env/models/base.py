@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from diffusion_env.step_math import StepGaussian
+from diffusion_env.step_math import StepGaussian, sample_step
 
 Cond = dict[str, torch.Tensor]
 # forward(x, t, cond) -> the network's fp32 output for a batch; the policy wraps its speed settings in it.
@@ -184,6 +184,23 @@ class ModelFamily(ABC):
                           guidance_scale: float) -> StepGaussian:  # fmt: skip
         """The policy's Gaussian π(x_{t-1} | x_t, t, c) for a batch (``t`` may differ per row)."""
         return self.step_gaussian(self.guided_prediction(forward, x_t, t, cond, guidance_scale), x_t.float(), t)
+
+    def sample(self, forward: Forward, obs: dict[str, Any], guidance_scale: float,
+               generator: torch.Generator | None = None, deterministic: bool = False,
+               ) -> tuple[torch.Tensor, StepGaussian]:  # fmt: skip
+        """One sampler step from a batched observation: ``(x_{t-1}, its Gaussian)``; the noise is drawn in
+        fp32 on the family's device from ``generator`` (the mean itself when ``deterministic``)."""
+        gauss = self.step_distribution(forward, obs["x_t"], obs["t"].to(self.device), self.condition(obs["prompt"]),
+                                       guidance_scale)  # fmt: skip
+        if deterministic:
+            return gauss.mean, gauss
+        noise = torch.randn(gauss.mean.shape, generator=generator, device=self.device, dtype=torch.float32)
+        return sample_step(gauss, noise), gauss
+
+    def plain_forward(self, network: torch.nn.Module) -> Forward:
+        """``forward(x, t, cond)`` of a bare network in its own dtype, fp32 out (tools that sample without a
+        policy; the policy adds its speed settings)."""
+        return lambda x, t, cond: self.call_network(network, x.to(network.dtype), t, cond).float()
 
     # ------------------------------------------------------------------ training target
     @abstractmethod

@@ -1,7 +1,10 @@
-"""Load the shipped tiny model and sample it: DDIM with classifier-free guidance, written out explicitly.
+"""Load the shipped tiny model and sample it through the environment and its model family.
 
 The model lives in :data:`ASSET_DIR` in the folder layout of a Stable Diffusion repository and loads
-with the same diffusers/transformers classes (nothing is fetched from the network).
+with the same diffusers/transformers classes (nothing is fetched from the network). Sampling runs one
+episode of :class:`~diffusion_env.vector_env.DenoisingEnv` whose steps are the family's Gaussian
+(classifier-free guidance, DDIM η): the same math and the same code as the agents' policy, without a
+second sampler.
 """
 
 from __future__ import annotations
@@ -13,86 +16,74 @@ from pathlib import Path
 
 import torch
 
-ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny"
+from diffusion_env.models import TINY_MODEL_PATH, SD1Family
+
+ASSET_DIR = TINY_MODEL_PATH
 
 
 @dataclass
 class TinyModel:
-    unet: object
-    vae: object
-    text_encoder: object
-    tokenizer: object
-    scheduler: object
+    """The loaded tiny model: its family (frozen parts) and its network (the UNet), eval mode, no gradients."""
+
+    family: SD1Family
+    unet: torch.nn.Module
+
+    @property
+    def vae(self):
+        return self.family.vae
+
+    @property
+    def text_encoder(self):
+        return self.family.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.family.tokenizer
+
+    @property
+    def scheduler(self):
+        return self.family.scheduler
 
 
 def load_tiny(path: str | Path = ASSET_DIR) -> TinyModel:
-    """Load the five components from ``path`` (offline), in eval mode with gradients off."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """Load the model at ``path`` (offline), in eval mode with gradients off."""
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{path} has no model_index.json; expected a tiny-model folder such as {ASSET_DIR}")
-    p = str(path)
-    unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(p, subfolder="vae")
-    text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder")
-    tokenizer = CLIPTokenizer.from_pretrained(p, subfolder="tokenizer")
-    scheduler = DDIMScheduler.from_pretrained(p, subfolder="scheduler")
-    for m in (unet, vae, text_encoder):
-        m.eval().requires_grad_(False)
-    return TinyModel(unet, vae, text_encoder, tokenizer, scheduler)
+    family = SD1Family.load(path)
+    unet = family.load_network().eval().requires_grad_(False)
+    return TinyModel(family, unet)
 
 
 @torch.no_grad()
-def encode_prompts(model: TinyModel, prompts: Sequence[str]) -> torch.Tensor:
-    ids = model.tokenizer(
-        list(prompts),
-        padding="max_length",
-        max_length=model.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    return model.text_encoder(ids).last_hidden_state
+def sample_images(env, network: torch.nn.Module, prompts: Sequence[str], seed: int) -> torch.Tensor:
+    """One episode of ``env`` (a DenoisingEnv with ``num_envs == len(prompts)``) stepped by ``network``'s
+    Gaussian at the env's guidance scale; the images ``[B, 3, H, W]`` in [0, 1]. Deterministic in ``seed``."""
+    family = env.family
+    forward = family.plain_forward(network)
+    gen = torch.Generator(device=family.device).manual_seed(int(seed))
+    obs, _ = env.reset(seed=int(seed), options={"prompts": list(prompts)})
+    info: dict = {}
+    while "images" not in info:
+        action, _ = family.sample(forward, obs, family.guidance_scale, gen)
+        obs, _, _, _, info = env.step(action)
+    return info["images"]
 
 
-@torch.no_grad()
-def sample(
-    model: TinyModel,
-    prompts: Sequence[str],
-    seed: int = 0,
-    steps: int = 20,
-    guidance: float = 5.0,
-    eta: float = 1.0,
-) -> torch.Tensor:
-    """Images for ``prompts`` as ``uint8 [B, 3, 32, 32]``, a deterministic function of ``seed``.
+def sample(model: TinyModel, prompts: Sequence[str], seed: int = 0, steps: int = 20, guidance: float = 5.0,
+           eta: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Images for ``prompts`` as ``uint8 [B, 3, 32, 32]``, a deterministic function of ``seed``."""
+    from diffusion_env.vector_env import DenoisingEnv
 
-    Each step runs the UNet once on the unconditional and conditional halves stacked together and mixes
-    the noise predictions as ``uncond + guidance * (cond - uncond)``; ``scheduler.step`` (DDIM, ``eta``)
-    draws its noise from the same seeded generator.
-    """
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty sequence of strings")
     if steps < 1:
         raise ValueError(f"steps={steps}; expected a positive number of denoising steps")
-    gen = torch.Generator().manual_seed(int(seed))
-    b = len(prompts)
-    cond = encode_prompts(model, prompts)
-    uncond = encode_prompts(model, [""]).expand(b, -1, -1)
-    context = torch.cat([uncond, cond])
-    cfg = model.unet.config
-    latents = torch.randn((b, cfg.in_channels, cfg.sample_size, cfg.sample_size), generator=gen)
-    sched = model.scheduler
-    sched.set_timesteps(steps)
-    latents = latents * sched.init_noise_sigma
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(torch.cat([latents, latents]), t)
-        eps = model.unet(inp, t, encoder_hidden_states=context).sample
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + guidance * (eps_c - eps_u)
-        latents = sched.step(eps, t, latents, eta=eta, generator=gen).prev_sample
-    images = model.vae.decode(latents / model.vae.config.scaling_factor).sample
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    env = DenoisingEnv(len(prompts), model=model.family, reward="none", prompts=list(prompts), num_steps=steps,
+                       eta=eta, guidance_scale=guidance)  # fmt: skip
+    images = sample_images(env, model.unet, prompts, seed)
+    env.close()
+    return (images * 255).round().to(torch.uint8)
 
 
 def timed_sample(model: TinyModel, prompts: Sequence[str], **kwargs) -> tuple[torch.Tensor, float]:
