@@ -23,13 +23,6 @@ def tiny_sd(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
 
 
-@pytest.fixture(scope="session")
-def tiny_components(tiny_sd):
-    from diffusion_env import load_components
-
-    return load_components(tiny_sd)
-
-
 def make_env(tiny_sd, num_envs=2, **kw):
     from diffusion_env import DenoisingEnv
 

@@ -10,8 +10,8 @@ from conftest import make_env
 
 from agents import ddpo_is, ddpo_sf
 from agents.config import TrainConfig, preset_config
-from agents.core import PerPromptStatTracker, collect_rollout, flat_pairs
-from agents.policy import GaussianUNetPolicy
+from agents.core import PerPromptStatTracker, RolloutBuffer, collect_rollout
+from agents.policy import GaussianDenoisingPolicy
 from agents.rwr import per_prompt_softmax
 from agents.rwr_sparse import sparse_weights
 from agents.trainer import Trainer
@@ -27,14 +27,14 @@ def _cfg(tiny_sd, tmp_path, **kw):
 
 def test_ppo_ratio_is_one_before_any_update(tiny_sd):
     env = make_env(tiny_sd, num_envs=4, num_steps=4)
-    policy = GaussianUNetPolicy.from_env(env)
+    policy = GaussianDenoisingPolicy.from_env(env)
     ro = collect_rollout(env, policy, seed=0, generator=torch.Generator().manual_seed(0))
     # Flattened pairs from different samples and timesteps, in a batch of a different size than collection.
     sample_idx = torch.tensor([3, 0, 2, 1, 1, 0])
     step_idx = torch.tensor([0, 3, 1, 2, 0, 1])
-    batch = flat_pairs(ro, sample_idx, step_idx)
+    batch = RolloutBuffer(ro, ro.rewards, 6).pairs(sample_idx, step_idx, ro.rewards[sample_idx], 6)
     with torch.no_grad():
-        log_ratio = policy.log_prob(batch, batch["action"]) - batch["old_log_prob"]
+        log_ratio = policy.log_prob(batch.obs, batch.actions) - batch.old_log_probs
     assert log_ratio.abs().max() < 1e-6
     cfg = TrainConfig(samples_per_epoch=4, sample_batch_size=4, train_batch_size=4, micro_batch_size=4)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
@@ -71,7 +71,7 @@ class _CaptureOptimizer:
 def test_ddpo_sf_gradient_equals_analytic_reinforce(tiny_sd, reduction):
     env = make_env(tiny_sd, num_envs=5, num_steps=1)  # one-step MDP: x_T → x_0
     unet = _ConstantEpsUNet(env.latent_shape)
-    policy = GaussianUNetPolicy(unet, env, reduction=reduction)
+    policy = GaussianDenoisingPolicy(unet, env.family, reduction=reduction)
     ro = collect_rollout(env, policy, seed=1, generator=torch.Generator().manual_seed(2))
     adv = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.5])
     cfg = TrainConfig(samples_per_epoch=5, sample_batch_size=5, train_batch_size=5, micro_batch_size=2, max_grad_norm=1e12)
@@ -80,8 +80,8 @@ def test_ddpo_sf_gradient_equals_analytic_reinforce(tiny_sd, reduction):
     # Closed form: μ = √ᾱ' (x - √(1-ᾱ) θ)/√ᾱ + √(1-ᾱ'-σ²) θ, so ∂μ/∂θ = c (a scalar) and
     # ∇_θ log N(a; μ, σ²) = c (a - μ) / σ² per dimension.
     t = int(env.timesteps[0])
-    a_t = float(env.alphas_cumprod[t])
-    a_prev = float(env.final_alpha_cumprod)  # the only step goes to the end
+    a_t = float(env.family.alphas_cumprod[t])
+    a_prev = float(env.family.final_alpha_cumprod)  # the only step goes to the end
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     c = -np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t) + np.sqrt(1 - a_prev - var)
     theta = unet.theta.detach().double()
@@ -144,15 +144,15 @@ def test_resume_equals_uninterrupted(tiny_sd, tmp_path):
     resumed.train()
     rows = [json.loads(line) for line in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert _strip(rows) == _strip(full_hist)
-    for (n, p), (_, q) in zip(full.policy.unet.named_parameters(), resumed.policy.unet.named_parameters()):
+    for (n, p), (_, q) in zip(full.policy.network.named_parameters(), resumed.policy.network.named_parameters()):
         assert torch.equal(p, q), n
 
 
 def test_training_changes_weights_and_writes_run_dir(tiny_sd, tmp_path):
     tr = Trainer(_cfg(tiny_sd, tmp_path, num_epochs=1, algo="rwr"))
-    before = {n: p.clone() for n, p in tr.policy.unet.named_parameters()}
+    before = {n: p.clone() for n, p in tr.policy.network.named_parameters()}
     tr.train()
-    assert any(not torch.equal(before[n], p) for n, p in tr.policy.unet.named_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in tr.policy.network.named_parameters())
     run = tmp_path / "run"
     for name in ("config.json", "metrics.jsonl", "grid_before.png", "grid_after.png", "reward_curve.png"):
         assert (run / name).exists(), name
@@ -169,22 +169,22 @@ def test_nan_reward_never_reaches_weights(tiny_sd, tmp_path):
     cfg = _cfg(tiny_sd, tmp_path, num_epochs=1)
     cfg.env_kwargs["reward"] = nan_reward
     tr = Trainer(cfg)
-    before = {n: p.clone() for n, p in tr.policy.unet.named_parameters()}
+    before = {n: p.clone() for n, p in tr.policy.network.named_parameters()}
     hist = tr.train()
     assert hist[0]["charts/skipped_update"] == 1 and hist[0]["charts/nonfinite_rewards"] == 2
-    assert all(torch.equal(before[n], p) for n, p in tr.policy.unet.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in tr.policy.network.named_parameters())
 
 
 def test_nan_loss_step_is_skipped(tiny_sd):
     env = make_env(tiny_sd, num_envs=4)
-    policy = GaussianUNetPolicy.from_env(env)
+    policy = GaussianDenoisingPolicy.from_env(env)
     ro = collect_rollout(env, policy, seed=0, generator=torch.Generator().manual_seed(0))
-    before = {n: p.clone() for n, p in policy.unet.named_parameters()}
+    before = {n: p.clone() for n, p in policy.network.named_parameters()}
     cfg = TrainConfig(samples_per_epoch=4, sample_batch_size=4, train_batch_size=4)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     metrics = ddpo_is.update(policy, opt, ro, torch.tensor([1.0, float("nan"), 0.0, 1.0]), cfg, torch.Generator())
     assert metrics["losses/skipped_steps"] == 1 and metrics["losses/optimizer_steps"] == 0
-    assert all(torch.equal(before[n], p) for n, p in policy.unet.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in policy.network.named_parameters())
 
 
 @pytest.mark.parametrize(
@@ -216,10 +216,10 @@ def test_presets_are_valid():
 
 def test_lora_trains_only_adapters(tiny_sd):
     env = make_env(tiny_sd, num_envs=2)
-    policy = GaussianUNetPolicy.from_env(env, lora_rank=2)
-    names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
+    policy = GaussianDenoisingPolicy.from_env(env, lora_rank=2)
+    names = [n for n, p in policy.network.named_parameters() if p.requires_grad]
     assert names and all("lora" in n for n in names)
-    assert len(names) < len(list(policy.unet.parameters()))
+    assert len(names) < len(list(policy.network.parameters()))
 
 
 def test_async_rewards_train_identically(tiny_sd, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents import registry
-from agents.core import flat_pairs, optimizer_step
+from agents.core import RolloutBuffer, optimizer_step
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +124,8 @@ def _plain_reinforce(policy, optimizer, rollout, advantages, cfg, generator, tra
     S = rollout.num_steps
     s = torch.arange(rollout.num_samples).repeat_interleave(S)
     j = torch.arange(S).repeat(rollout.num_samples)
-    batch = flat_pairs(rollout, s, j)
-    (-(advantages[s] * policy.log_prob(batch, batch["action"])).mean()).backward()
+    batch = RolloutBuffer(rollout, advantages, len(s)).pairs(s, j, advantages[s], len(s))
+    (-(batch.advantages * policy.log_prob(batch.obs, batch.actions)).mean()).backward()
     norm, _ = optimizer_step(policy, optimizer, cfg.max_grad_norm)
     return {"losses/grad_norm": norm}
 
@@ -178,13 +178,12 @@ def test_leaderboard_rejects_unknown_tasks_and_algorithms():
 # ---------------------------------------------------------------------------------------------- speed-ups
 def _rollout_and_policy(tiny_sd, **policy_kwargs):
     from agents.core import collect_rollout
-    from agents.policy import GaussianUNetPolicy
-    from diffusion_env.components import load_unet
+    from agents.policy import GaussianDenoisingPolicy
     from tests.conftest import make_env
 
     env = make_env(tiny_sd, num_envs=4)
     torch.manual_seed(0)
-    policy = GaussianUNetPolicy(load_unet(tiny_sd), env, **policy_kwargs)
+    policy = GaussianDenoisingPolicy(env.family.load_network(), env.family, **policy_kwargs)
     rollout = collect_rollout(env, policy, seed=3, generator=torch.Generator().manual_seed(4))
     return policy, rollout
 
@@ -204,9 +203,9 @@ def _update(policy, rollout, **cfg_changes):
 
 def test_recompute_old_log_probs_changes_nothing_in_fp32(tiny_sd):
     policy, rollout = _rollout_and_policy(tiny_sd)
-    start = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    start = {k: v.clone() for k, v in policy.network.state_dict().items()}
     plain, w_plain = _update(policy, rollout)
-    policy.unet.load_state_dict(start)
+    policy.network.load_state_dict(start)
     again, w_again = _update(policy, rollout, recompute_old_log_probs=True)
     assert "losses/old_log_prob_dev" not in plain
     assert 0 <= again["losses/old_log_prob_dev"] < 1e-5  # fp32: recomputed = sampled up to rounding
@@ -221,13 +220,13 @@ def test_recomputed_old_log_probs_replace_every_stored_one(tiny_sd):
     parameters provides them. If they were not kept for the second pass, it would use the stored ones.
     """
     policy, rollout = _rollout_and_policy(tiny_sd)
-    start = {k: v.clone() for k, v in policy.unet.state_dict().items()}
+    start = {k: v.clone() for k, v in policy.network.state_dict().items()}
     calls = []
-    unet_eps = policy.unet_eps
-    policy.unet_eps = lambda *a: calls.append(1) or unet_eps(*a)
+    unet_eps = policy.forward_network
+    policy.forward_network = lambda *a: calls.append(1) or unet_eps(*a)
     _, w_plain = _update(policy, rollout)
     plain_calls = len(calls)
-    policy.unet.load_state_dict(start)
+    policy.network.load_state_dict(start)
     calls.clear()
     off = rollout._replace(log_probs=rollout.log_probs + 0.5)
     metrics, w_recomputed = _update(policy, off, recompute_old_log_probs=True)
@@ -249,32 +248,31 @@ def test_bf16_policy_with_recomputed_old_log_probs_starts_at_ratio_one(tiny_sd):
 
 
 def test_speed_options_keep_the_policy_numerically_close(tiny_sd):
-    from agents.policy import GaussianUNetPolicy
-    from diffusion_env.components import load_unet
+    from agents.policy import GaussianDenoisingPolicy
     from tests.conftest import make_env
 
     env = make_env(tiny_sd, num_envs=3)
     obs, _ = env.reset(seed=0)
-    ref = GaussianUNetPolicy(load_unet(tiny_sd), env).distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
-    cl = GaussianUNetPolicy(load_unet(tiny_sd), env, channels_last=True)
+    ref = GaussianDenoisingPolicy(env.family.load_network(), env.family).distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
+    cl = GaussianDenoisingPolicy(env.family.load_network(), env.family, channels_last=True)
     torch.testing.assert_close(
         cl.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5
     )
-    bf = GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="bf16")
+    bf = GaussianDenoisingPolicy(env.family.load_network(), env.family, autocast_dtype="bf16")
     mean = bf.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean
     assert mean.dtype == torch.float32
     assert float((mean - ref).norm() / ref.norm()) < 0.05  # bf16 rounding, amplified by guidance 5
     with pytest.raises(ValueError, match="autocast_dtype"):
-        GaussianUNetPolicy(load_unet(tiny_sd), env, autocast_dtype="int8")
+        GaussianDenoisingPolicy(env.family.load_network(), env.family, autocast_dtype="int8")
     # Math attention (matmuls + softmax) against the fused kernel: the same policy up to rounding.
-    math_attn = GaussianUNetPolicy(load_unet(tiny_sd), env, attention="math")
+    math_attn = GaussianDenoisingPolicy(env.family.load_network(), env.family, attention="math")
     processors = {type(p).__name__ for p in math_attn.unet.attn_processors.values()}
     assert processors == {"AttnProcessor"}
     torch.testing.assert_close(
         math_attn.distribution(obs["x_t"], obs["t"], obs["prompt"]).mean, ref, rtol=1e-4, atol=1e-5
     )
     with pytest.raises(ValueError, match="attention='flash'; expected None or one of"):
-        GaussianUNetPolicy(load_unet(tiny_sd), env, attention="flash")
+        GaussianDenoisingPolicy(env.family.load_network(), env.family, attention="flash")
 
 
 def test_throughput_replays_a_backward_only_where_one_ran():
@@ -284,15 +282,15 @@ def test_throughput_replays_a_backward_only_where_one_ran():
     from benchmarks.throughput import UNetRecorder
 
     unet = torch.nn.Linear(4, 4)
-    policy = SimpleNamespace(unet=unet, device=torch.device("cpu"))
-    policy.unet_eps = lambda x, t, cond: unet(x)
+    policy = SimpleNamespace(network=unet, device=torch.device("cpu"))
+    policy.forward_network = lambda x, t, cond: unet(x)
     recorder = UNetRecorder(policy)
     recorder.on = True
-    x, t, cond = torch.randn(3, 4), torch.zeros(3), torch.zeros(3, 2, 4)
-    policy.unet_eps(x, t, cond).sum().backward()  # a training call
-    policy.unet_eps(x, t, cond).detach()  # autograd on, no backward
+    x, t, cond = torch.randn(3, 4), torch.zeros(3), {"encoder_hidden_states": torch.zeros(3, 2, 4)}
+    policy.forward_network(x, t, cond).sum().backward()  # a training call
+    policy.forward_network(x, t, cond).detach()  # autograd on, no backward
     with torch.no_grad():
-        policy.unet_eps(x, t, cond)  # a sampling call
+        policy.forward_network(x, t, cond)  # a sampling call
     assert [call[3] for call in recorder.calls] == [True, False, False]  # a backward reached it
     assert [call[5] for call in recorder.calls] == [True, True, False]  # replayed in its grad mode
     assert sum(recorder.replay()) > 0 and all(p.grad is None for p in unet.parameters())

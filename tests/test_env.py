@@ -8,8 +8,8 @@ from conftest import make_env
 from gymnasium.utils.env_checker import check_env
 
 import diffusion_env
-from agents.policy import GaussianUNetPolicy
-from diffusion_env import DenoisingSingleEnv, ModelNotFoundError, load_unet
+from agents.policy import GaussianDenoisingPolicy
+from diffusion_env import DenoisingSingleEnv, ModelNotFoundError
 
 PROMPTS = ["a cat", "a dog", "a red circle"]
 
@@ -57,7 +57,7 @@ def test_episode_structure(tiny_sd):
 
 def test_seeded_determinism(tiny_sd):
     env = make_env(tiny_sd, num_envs=3)
-    policy = GaussianUNetPolicy.from_env(env)
+    policy = GaussianDenoisingPolicy.from_env(env)
     a = _rollout(env, policy, seed=11)
     b = _rollout(env, policy, seed=11)
     c = _rollout(env, policy, seed=12)
@@ -70,7 +70,7 @@ def test_seeded_determinism(tiny_sd):
 
 def test_stochastic_policy_determinism(tiny_sd):
     env = make_env(tiny_sd, num_envs=2)
-    policy = GaussianUNetPolicy.from_env(env)
+    policy = GaussianDenoisingPolicy.from_env(env)
 
     def run():
         obs, _ = env.reset(seed=3)
@@ -88,11 +88,11 @@ def test_stochastic_policy_determinism(tiny_sd):
 def test_vector_equals_singles(tiny_sd):
     n, seed = 3, 5
     venv = make_env(tiny_sd, num_envs=n)
-    policy = GaussianUNetPolicy.from_env(venv)
+    policy = GaussianDenoisingPolicy.from_env(venv)
     vobs, vreward, vinfo, vtraj = _rollout(venv, policy, seed)
     for i in range(n):
         env = make_env(tiny_sd, num_envs=1)
-        single_policy = GaussianUNetPolicy(policy.unet, env)
+        single_policy = GaussianDenoisingPolicy(policy.network, env.family)
         obs, reward, info, traj = _rollout(env, single_policy, seed + i)
         assert info["prompts"][0] == vinfo["prompts"][i]
         assert torch.equal(traj[0][0], vtraj[0][i])  # identical x_T
@@ -224,7 +224,7 @@ def test_sb3_check_env_and_ppo_smoke(tiny_sd):
 
 def test_unet_loads_from_env_model(tiny_sd):
     env = make_env(tiny_sd)
-    unet = load_unet(env.model_path)
+    unet = env.family.load_network()
     assert unet.config.in_channels == env.latent_shape[0]
 
 

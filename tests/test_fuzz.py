@@ -157,7 +157,7 @@ def test_fuzz_reset_prompts(env, prompts):
     assert valid, f"invalid prompts accepted: {prompts!r:.200}"
     COUNTS["prompts/reset_options/accepted"] += 1
     assert obs["prompt"] == tuple(prompts)
-    emb = env.encode_prompts(obs["prompt"])
+    emb = env.family.condition(obs["prompt"])["encoder_hidden_states"]
     assert emb.shape[0] == env.num_envs and bool(torch.isfinite(emb).all())
 
 
