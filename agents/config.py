@@ -9,8 +9,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from agents.policy import ATTENTION_IMPLS
+from agents.registry import registered_algos
+
+RENAMED = {"compile_unet": "compile_network"}  # old field name -> current one
 ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
-ATTENTION_IMPLS = ("sdpa", "math")  # GaussianDenoisingPolicy(attention=...): fused SDPA kernels or matmuls + softmax
 
 
 def _type_errors(cfg: TrainConfig) -> list[str]:
@@ -125,7 +128,7 @@ class TrainConfig:
     # Speed: torch.autocast dtype of network calls in sampling and training: None (fp32), "bf16" or "fp16".
     autocast_dtype: str | None = None
     # Speed: call the policy's network through torch.compile (each batch shape compiles once, in the first epoch).
-    compile_unet: bool = False
+    compile_network: bool = False
     # Speed: attention kernels of the network: "sdpa" (fused scaled_dot_product_attention; long sequences, GPUs)
     # or "math" (matmuls + softmax; faster on CPUs for short sequences, and under bf16 autocast).
     attention: str = "sdpa"
@@ -151,8 +154,6 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Refuse settings that make no sense, with a message that says how to fix them."""
-        from agents.registry import registered_algos
-
         errors = _type_errors(self)
         if errors:  # the checks below compare values; first make sure they have the right types
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
@@ -241,7 +242,7 @@ class TrainConfig:
     def policy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~agents.policy.GaussianDenoisingPolicy` that this config sets."""
         return dict(lora_rank=self.lora_rank, reduction=self.log_prob_reduction, channels_last=self.channels_last,
-                    autocast_dtype=self.autocast_dtype, compile_network=self.compile_unet,
+                    autocast_dtype=self.autocast_dtype, compile_network=self.compile_network,
                     attention=self.attention)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +250,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = {RENAMED.get(k, k): v for k, v in data.items()}  # config.json of runs written before a rename
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:

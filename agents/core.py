@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
 
 from agents.distributed import all_reduce_grads, local_pairs, local_samples
-from agents.policy import GaussianDenoisingPolicy
-from rewards import RewardError
 
+if TYPE_CHECKING:
+    from agents.policy import GaussianDenoisingPolicy
 
 class Rollout(NamedTuple):
     """A batch of complete trajectories of the denoising MDP (B trajectories of S steps).
@@ -87,15 +87,11 @@ def collect_rollout(
 
 
 def resolve_rewards(rollout: Rollout) -> Rollout:
-    """Wait for a deferred reward (``async_reward`` envs) and put it into the rollout."""
+    """Wait for a deferred reward (``async_reward`` envs) and put it into the rollout. A failing reward
+    raises :class:`rewards.RewardError` naming it (wrapped where it was called: :func:`rewards.score_batch`)."""
     if rollout.reward_handle is None:
         return rollout
-    try:
-        rewards, _ = rollout.reward_handle.result()
-    except ValueError:  # the reward's output failed validation: already a clear message
-        raise
-    except Exception as exc:
-        raise RewardError(f"the reward raised {type(exc).__name__} while scoring a batch: {exc}") from exc
+    rewards, _ = rollout.reward_handle.result()
     return rollout._replace(rewards=rewards.to(rollout.rewards.device).float(), reward_handle=None)
 
 
@@ -170,7 +166,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Op
     """AdamW with DDPO appendix A.6's settings (taken from the run config)."""
     if not params:
         raise ValueError("the policy has no trainable parameters; check lora_rank / full fine-tuning settings")
-    # The fused kernel: one pass over all parameters instead of a Python loop of small ops (tiny UNet on
+    # The fused kernel: one pass over all parameters instead of a Python loop of small ops (the tiny model on
     # CPU: 2.3 ms per step instead of 11.6). Same update up to rounding.
     fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params)
     return torch.optim.AdamW(

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads or idle_cores())
     print(f"training on {torch.get_num_threads()} torch thread(s) for at most {args.minutes:g} min")
-    if not (TINY_MODEL_PATH / "unet").is_dir():
+    if not (TINY_MODEL_PATH / "model_index.json").is_file():
         raise SystemExit(f"the shipped tiny model is missing at {TINY_MODEL_PATH}; reinstall the package")
     run_dir = Path(args.run_dir)
     if run_dir.exists():  # the demo always starts fresh; keep the previous one aside, never delete user work

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from agents.config import ATTENTION_IMPLS
 from diffusion_env.models import Cond, ModelFamily
 from diffusion_env.step_math import Reduction, StepGaussian, step_log_prob
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATTENTION_IMPLS = ("sdpa", "math")  # fused scaled_dot_product_attention kernels, or matmuls + softmax
 
 
 class GaussianDenoisingPolicy(nn.Module):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from agents import ddpo_is, ddpo_sf, rwr, rwr_sparse
+
 UpdateFn = Callable[..., dict]
 _ALGOS: dict[str, UpdateFn] = {}
 
@@ -34,10 +36,6 @@ def registered_algos() -> list[str]:
 
 
 def _load_builtin() -> None:
-    if "ddpo-is" in _ALGOS:
-        return
-    from agents import ddpo_is, ddpo_sf, rwr, rwr_sparse
-
     for name, fn in (("ddpo-is", ddpo_is.update), ("ddpo-sf", ddpo_sf.update),
                      ("rwr", rwr.update), ("rwr-sparse", rwr_sparse.update)):  # fmt: skip
         _ALGOS.setdefault(name, fn)

@@ -7,7 +7,7 @@ What is measured, in one process:
 - **The optimised epoch**: the library's own path (``collect_rollout`` over ``sample_batch_size``
   lockstep trajectories, then the registered ``ddpo-is`` update on flattened (sample, timestep)
   micro-batches) with the speed-ups of :class:`~agents.config.TrainConfig` switched on
-  (``micro_batch_size``, ``channels_last``, ``compile_unet``, ``attention``, and opt-in
+  (``micro_batch_size``, ``channels_last``, ``compile_network``, ``attention``, and opt-in
   ``autocast_dtype`` with ``recompute_old_log_probs``: see ``--micro-batch``, ``--channels-last``,
   ``--compile``, ``--attention``, ``--bf16``). Both sides use the fused AdamW of ``make_optimizer`` and,
   on CPU, keep freed memory in the process (``--retain-freed-memory``), as training runs do.
@@ -399,7 +399,7 @@ def summarise(side: SimpleNamespace, flops: int, peaks: dict[str, float]) -> dic
                 "micro_batch_size",
                 "channels_last",
                 "autocast_dtype",
-                "compile_unet",
+                "compile_network",
                 "recompute_old_log_probs",
                 "attention",
             )
@@ -540,12 +540,12 @@ def main(argv=None) -> dict[str, Any]:
     opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
         sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
         micro_batch_size=args.micro_batch, channels_last=args.channels_last, attention=attention,
-        autocast_dtype="bf16" if bf16 else None, compile_unet=args.compile, recompute_old_log_probs=bf16,
+        autocast_dtype="bf16" if bf16 else None, compile_network=args.compile, recompute_old_log_probs=bf16,
     ).validate()  # fmt: skip
     sides = [build_side(opt_cfg, "optimised")]
     if args.baseline:
         base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
-            sample_batch_size=16, channels_last=False, autocast_dtype=None, compile_unet=False,
+            sample_batch_size=16, channels_last=False, autocast_dtype=None, compile_network=False,
             recompute_old_log_probs=False, attention="sdpa",
         ).validate()  # fmt: skip
         sides.insert(0, build_side(base_cfg, "baseline"))
@@ -587,7 +587,7 @@ def main(argv=None) -> dict[str, Any]:
     for side in sides:
         result[side.name] = summarise(side, side.recorder.flops(), peaks)
     opt = result["optimised"]
-    if opt_cfg.compile_unet:
+    if opt_cfg.compile_network:
         opt["compile_s"] = warm["optimised"] - opt["epoch_s"]
         opt["compile_note"] = "warm-up epoch minus median timed epoch; excluded from epoch_s"
     checks = {"ratio_to_unet_ok": opt["ratio_to_unet"] <= TARGETS["ratio_to_unet_max"]}

@@ -16,7 +16,7 @@ from gymnasium.vector.utils import batch_space
 
 from diffusion_env.models import ModelFamily, load_family
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
-from rewards import AsyncRewardEvaluator, RewardError, check_reward_output, make_reward
+from rewards import AsyncRewardEvaluator, make_reward, reward_name, score_batch
 
 PROMPT_CHARSET = string.printable
 MAX_PROMPT_LENGTH = 10_000
@@ -288,11 +288,7 @@ class DenoisingEnv(VectorEnv):
             info["reward_handle"], info["_reward_handle"] = self._evaluator.submit(images, list(self._prompts)), mask
             rewards = torch.full((self.num_envs,), float("nan"), device=self.device)
         else:
-            try:
-                out = self.reward_fn(images, list(self._prompts))
-            except Exception as exc:  # a clear error naming the reward, not a traceback from its insides
-                raise RewardError(f"reward {self.reward_fn!r} raised {type(exc).__name__}: {exc}") from exc
-            rewards, reward_info = check_reward_output(out, self.num_envs, name=repr(self.reward_fn))
+            rewards, reward_info = score_batch(self.reward_fn, images, list(self._prompts), reward_name(self.reward_fn))
             rewards = rewards.to(self.device)
             info["reward_info"], info["_reward_info"] = reward_info, mask
         self._needs_reset = True

@@ -28,8 +28,10 @@ from rewards.base import (
     as_uint8_images,
     check_prompts,
     check_reward_output,
+    reward_name,
+    score_batch,
 )
-from rewards.composite import CallableReward, WeightedSum, reward_name
+from rewards.composite import CallableReward, WeightedSum
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from rewards.server import serve_in_thread
 
@@ -108,5 +110,6 @@ __all__ = [
     "register_reward",
     "registered_rewards",
     "reward_name",
+    "score_batch",
     "serve_in_thread",
 ]

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rewards.base import RewardFn, RewardInfo, _as_tensor, check_prompts, check_reward_output
+from rewards.base import RewardFn, RewardInfo, _as_tensor, check_prompts, reward_name, score_batch
 
 
 class RewardHandle:
@@ -79,7 +79,7 @@ class AsyncRewardEvaluator:
         self.max_workers = max_workers
         self.max_pending = max_pending
         self.copy_images = copy_images
-        self.name = name or getattr(reward_fn, "name", None) or type(reward_fn).__name__
+        self.name = name or reward_name(reward_fn)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="reward")
         self._slots = threading.BoundedSemaphore(max_pending) if max_pending is not None else None
         self._counter = itertools.count()
@@ -88,7 +88,7 @@ class AsyncRewardEvaluator:
         self._closed = False
 
     def _run(self, images: Any, prompts: list[str], batch: int) -> tuple[torch.Tensor, RewardInfo]:
-        return check_reward_output(self.reward_fn(images, prompts), batch, name=f"reward {self.name!r}")
+        return score_batch(self.reward_fn, images, prompts, self.name)
 
     def submit(self, images: Any, prompts: Sequence[str], tag: Any = None) -> RewardHandle:
         """Queue one batch; returns at once (or when a ``max_pending`` slot frees up)."""

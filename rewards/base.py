@@ -113,6 +113,32 @@ class RewardError(RuntimeError):
     (the original exception is chained as ``__cause__``)."""
 
 
+def reward_name(fn: Any) -> str:
+    """A readable name for a reward callable: its ``name`` attribute, function name or class name."""
+    name = getattr(fn, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str) and name and name != "<lambda>":
+        return name
+    return type(fn).__name__
+
+
+def score_batch(reward_fn: Any, images: Any, prompts: list[str], name: str) -> tuple[torch.Tensor, RewardInfo]:
+    """Score one batch: the one place a reward is called for the env, synchronously or in a worker thread.
+
+    An exception from the reward becomes :class:`RewardError` naming the reward (``name``) and its error;
+    the output is validated by :func:`check_reward_output`.
+    """
+    try:
+        out = reward_fn(images, prompts)
+    except RewardError:
+        raise
+    except Exception as exc:  # a clear error naming the reward, not a traceback from its insides
+        raise RewardError(f"reward {name!r} raised {type(exc).__name__}: {exc}") from exc
+    return check_reward_output(out, len(prompts), name=f"reward {name!r}")
+
+
 class MissingModelError(FileNotFoundError):
     """Model weights a reward needs are neither at the given path nor in the local Hugging Face cache.
 

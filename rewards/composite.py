@@ -20,18 +20,7 @@ from typing import Any
 
 import torch
 
-from rewards.base import RewardFn, RewardInfo, _as_tensor, check_prompts, check_reward_output
-
-
-def reward_name(fn: Any) -> str:
-    """A readable name for a reward callable: its ``name`` attribute, function name or class name."""
-    name = getattr(fn, "name", None)
-    if isinstance(name, str) and name:
-        return name
-    name = getattr(fn, "__name__", None)
-    if isinstance(name, str) and name and name != "<lambda>":
-        return name
-    return type(fn).__name__
+from rewards.base import RewardFn, RewardInfo, _as_tensor, check_prompts, check_reward_output, reward_name
 
 
 def _batch_size(images: Any) -> int:

@@ -3,13 +3,15 @@
     python tests/_dist_worker.py SPEC.json
 
 SPEC: {"out": folder, "runs": [{"name": str, "resume": bool, "config": {TrainConfig fields}}],
-"fail_collect_on_rank": optional rank whose sampling raises (a fault drill)}.
+"fail_collect_on_rank": optional rank whose sampling raises (a fault drill), "imports": optional modules to
+import first (algorithms registered from outside, such as benchmarks.examples.my_algo)}.
 Each run trains (``Trainer.train``) and every rank writes ``<out>/<name>-rank<r>.safetensors`` (its
 trainable parameters) and ``<out>/<name>-rank<r>.json`` (its metrics history).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -29,6 +31,8 @@ def main(spec_path: str) -> None:
     from agents.trainer import Trainer
 
     spec = json.loads(Path(spec_path).read_text())
+    for module in spec.get("imports", []):  # modules that register algorithms (benchmarks/examples)
+        importlib.import_module(module)
     out = Path(spec["out"])
     for run in spec["runs"]:
         trainer = Trainer(TrainConfig(**run["config"]), resume=run.get("resume", False))

@@ -112,8 +112,11 @@ def _compare(ref: dict[str, torch.Tensor], out: Path, name: str, report: dict) -
 
 @pytest.mark.timeout(900)
 def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
-    """After one epoch (DDPO-IS with LoRA; RWR and DDPO-SF full fine-tuning) 2 processes hold the 1-process weights;
-    a 2-process run then resumes from its checkpoint in a fresh launch and still matches."""
+    """After one epoch (DDPO-IS with LoRA; RWR, DDPO-SF and the README's REINFORCE example written on the rollout
+    buffer, full fine-tuning) 2 processes hold the 1-process weights; a 2-process run then resumes from its
+    checkpoint in a fresh launch and still matches."""
+    import benchmarks.examples.my_algo  # noqa: F401  (registers "reinforce" here; the workers import it too)
+
     out = tmp_path / "out"
     out.mkdir()
     # clip_range 0.5: no pair near PPO's clip boundary (ratios stay within 1 ± 0.01 here), so the update
@@ -121,8 +124,10 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     lora = _cfg(tiny_sd, tmp_path / "lora2", lora_rank=2, clip_range=0.5, adam_epsilon=1e-4)
     rwr = _cfg(tiny_sd, tmp_path / "rwr2", algo="rwr", rwr_updates_per_epoch=2, samples_per_epoch=4, adam_epsilon=1e-4)
     sf = _cfg(tiny_sd, tmp_path / "sf2", algo="ddpo-sf", samples_per_epoch=4, train_batch_size=4, adam_epsilon=1e-4)
-    runs = [{"name": "lora", "config": lora}, {"name": "rwr", "config": rwr}, {"name": "sf", "config": sf}]
-    launch({"out": str(out), "runs": runs}, tmp_path)
+    ex = _cfg(tiny_sd, tmp_path / "ex2", algo="reinforce", samples_per_epoch=4, train_batch_size=2, adam_epsilon=1e-4)
+    runs = [{"name": "lora", "config": lora}, {"name": "rwr", "config": rwr}, {"name": "sf", "config": sf},
+            {"name": "reinforce", "config": ex}]  # fmt: skip
+    launch({"out": str(out), "runs": runs, "imports": ["benchmarks.examples.my_algo"]}, tmp_path)
 
     # The one-process reference, in this process, with no launcher: same total batch per epoch.
     ref_lora = Trainer(TrainConfig(**{**lora, "run_dir": str(tmp_path / "lora1"), "num_epochs": 2}))
@@ -132,12 +137,15 @@ def test_two_processes_equal_one_process_and_resume(tiny_sd, tmp_path):
     ref_rwr.train_epoch()
     ref_sf = Trainer(TrainConfig(**{**sf, "run_dir": str(tmp_path / "sf1")}))
     ref_sf.train_epoch()
+    ref_ex = Trainer(TrainConfig(**{**ex, "run_dir": str(tmp_path / "ex1")}))
+    ref_ex.train_epoch()
 
     report: dict[str, float] = {}
     assert all("lora" in k for k in ref_lora_state1)  # the synced gradients include the LoRA adapters
     _compare(ref_lora_state1, out, "lora", report)
     _compare(ref_rwr.trainable_state(), out, "rwr", report)
     _compare(ref_sf.trainable_state(), out, "sf", report)
+    _compare(ref_ex.trainable_state(), out, "reinforce", report)
     # Same samples as one process (sharded by global batch index): the rewards agree (bit for bit here;
     # 1e-6 leaves room for thread-count-dependent rounding in the UNet, the workers use 1 thread).
     hist = json.loads((out / "lora-rank0.json").read_text())

@@ -10,7 +10,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-
 TINY_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny"  # the embedded tiny SD-v1 model
 
 

@@ -17,7 +17,13 @@ import torch
 
 from diffusion_env.models.base import Cond, ModelFamily, register_family
 from diffusion_env.models.loading import resolve_model_path
-from diffusion_env.step_math import StepGaussian, check_std, ddim_step_gaussian, previous_timestep, schedule_std
+from diffusion_env.step_math import (
+    StepGaussian,
+    check_std,
+    ddim_step_gaussian,
+    previous_timestep,
+    schedule_std,
+)
 
 SD14_REPO = "CompVis/stable-diffusion-v1-4"
 FROZEN_SUBFOLDERS = ("scheduler", "vae", "text_encoder", "tokenizer")
