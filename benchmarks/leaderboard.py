@@ -227,7 +227,18 @@ def _fmt(ms: list) -> str:
     return f"{m:.3g} ± {s:.2g}" if s else f"{m:.3g}"
 
 
+def carried_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Runs of ``--carry-over``'s leaderboard for this invocation's tasks and other algorithms."""
+    if not getattr(args, "carry_over", None):
+        return []
+    old = json.loads(Path(args.carry_over).read_text())
+    return [{**r, "carried_over": str(args.carry_over)} for r in old["runs"]
+            if r["task"] in args.tasks and r["algo"] not in args.algos]  # fmt: skip
+
+
 def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
+    carried = carried_runs(args)
+    results = results + carried
     rows = aggregate(results, bases)
     out = {"budget": args.budget, "seeds": args.seeds, "algos": args.algos, "tasks": args.tasks,
            "complete": pending == 0, "pending_runs": pending, "rows": rows, "runs": results}  # fmt: skip
@@ -237,7 +248,9 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
              "", f"Mean ± std over seeds. {'Complete.' if not pending else f'**Partial: {pending} run(s) missing.**'}",
              "Columns: see `docs/benchmarks.md` (KL in nats per denoising step; path KL summed over steps).",
              f"Run time: {sum(r.get('total_s', 0.0) for r in results) / 60:.0f} min summed over the {len(results)} "
-             "runs' own wall times (training + evaluation; `total_s` in each run).", "",
+             "runs' own wall times (training + evaluation; `total_s` in each run).",
+             *([f"Carried over unchanged from `{args.carry_over}` (not rerun): "
+                f"{', '.join(sorted({r['algo'] for r in carried}))}."] if carried else []), "",
              "| task | algorithm | seeds | final reward | eval (train prompts) | eval (held-out) | KL/step to base | path KL | fidelity |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
@@ -293,6 +306,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--tasks", nargs="+", help="tasks: IDs or Compressibility/Incompressibility/PromptAlignment"
     )
     p.add_argument("--seeds", type=int, help="seeds per (task, algorithm) (default 3)")
+    p.add_argument("--carry-over", type=Path, metavar="JSON",
+                   help="a leaderboard.json whose runs of other algorithms (not in --algos) join the table unchanged, "
+                        "marked as carried over: rerun only the algorithms whose code or config changed")  # fmt: skip
     p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
     p.add_argument(
