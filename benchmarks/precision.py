@@ -65,7 +65,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     tmp, model = None, args.model
     if args.random_model:
-        from benchmarks.tiny_model import temporary_random_model
+        from diffusion_env.testing import temporary_random_model
 
         tmp, path = temporary_random_model(args.random_model, prefix="precision-model-")
         model = str(path)

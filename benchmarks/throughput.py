@@ -432,7 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model", help="model folder (default: the env's; a random tiny model if that is missing)"
     )
     p.add_argument("--random-model", choices=("tiny", "micro"),
-                   help="use a random-weight model of this size (benchmarks.tiny_model) instead")  # fmt: skip
+                   help="use a random-weight model of this size (diffusion_env.testing) instead")  # fmt: skip
     p.add_argument("--samples", type=int, default=64, help="samples per epoch (default 64)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the env's, 20 for Denoise-Tiny-*)")
     p.add_argument(
@@ -507,7 +507,7 @@ def main(argv=None) -> dict[str, Any]:
     if args.random_model or (
         model is None and not (TINY_MODEL_PATH / "unet").exists() and "Tiny" in args.env
     ):
-        from benchmarks.tiny_model import temporary_random_model
+        from diffusion_env.testing import temporary_random_model
 
         size = args.random_model or "tiny"
         tmp, path = temporary_random_model(size, prefix="throughput-model-")

@@ -1,13 +1,22 @@
-"""Tiny random-weight Stable-Diffusion-layout models, built offline with fixed seeds.
+"""Random-weight Stable-Diffusion-layout models, built offline with fixed seeds: the one builder for tests
+and benchmarks.
 
-For tests and benchmarks: the same diffusers/transformers classes as SD v1.4 (UNet2DConditionModel,
-AutoencoderKL, CLIPTextModel + CLIPTokenizer, DDIMScheduler), at toy sizes, written to a folder in the
-SD layout so they load through exactly the code path of a real model.
+The same diffusers/transformers classes as SD v1.4 (UNet2DConditionModel, AutoencoderKL, CLIPTextModel +
+CLIPTokenizer, DDIMScheduler), written to a folder in the SD layout so they load through exactly the code
+path of a real model:
+
+- :func:`build_tiny_sd`: a toy model on a byte-level CLIP vocabulary (16×16 images, 4×8×8 latents): the
+  tests' ``tiny_sd`` fixture and the SD14 IDs' stand-in.
+- :func:`build_random_model` ``size="tiny"``: the shipped tiny model's architecture (``diffusion_env/assets/tiny``:
+  32×32 images, 8×8×4 latents, UNet blocks (32, 64) with cross-attention in both, a 2-layer width-64 CLIP
+  text encoder on the tiny world's tokenizer) with random weights; speed does not depend on the weights, so
+  throughput figures from it carry over to the trained model. ``size="micro"``: the same layout, much smaller.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import torch
@@ -44,12 +53,23 @@ def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = ()) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
 
 
+def _save_sd_layout(folder: Path, text_encoder, vae_kwargs: dict, unet_kwargs: dict, scheduler_kwargs: dict) -> Path:
+    """Build the VAE and UNet (in this order: their random draws follow the text encoder's) and save all parts."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    text_encoder.save_pretrained(folder / "text_encoder")
+    AutoencoderKL(**vae_kwargs).save_pretrained(folder / "vae")
+    UNet2DConditionModel(**unet_kwargs).save_pretrained(folder / "unet")
+    DDIMScheduler(**scheduler_kwargs).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return folder
+
+
 def build_tiny_sd(
     folder: Path, seed: int = 0, sample_size: int = 16, block_out_channels: tuple[int, int] = (16, 32),
     cross_attention_dim: int = 32,
 ) -> Path:
     """Save random-weight SD-architecture components (UNet, VAE, CLIP text encoder, tokenizer, DDIM)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -61,23 +81,70 @@ def build_tiny_sd(
         num_attention_heads=4, max_position_embeddings=16, eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
-    vae = AutoencoderKL(
+    vae = dict(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
         latent_channels=4, layers_per_block=1, norm_num_groups=4, sample_size=sample_size,
     )  # fmt: skip
-    vae.save_pretrained(folder / "vae")
-    unet = UNet2DConditionModel(
+    unet = dict(
         sample_size=sample_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=block_out_channels, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=4, norm_num_groups=8,
     )  # fmt: skip
-    unet.save_pretrained(folder / "unet")
-    DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    ).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    return folder
+    scheduler = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                     set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+    return _save_sd_layout(folder, CLIPTextModel(text_cfg), vae, unet, scheduler)
+
+
+# Architectures: (UNet block_out_channels, heads per block, text width, VAE block_out_channels).
+SIZES = {
+    "tiny": dict(unet_blocks=(32, 64), heads=(2, 4), text_width=64, vae_blocks=(16, 32, 32)),
+    "micro": dict(unet_blocks=(8, 16), heads=(2, 2), text_width=16, vae_blocks=(8, 8, 8)),
+}
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")  # fmt: skip
+
+
+def build_random_model(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write a random-weight model of the tiny model's layout, ``size`` "tiny" or "micro", to ``folder``."""
+    if size not in SIZES:
+        raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from rewards.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
+
+    arch = SIZES[size]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(folder / "tokenizer")
+    tok.save_pretrained(folder / "tokenizer")
+    width = arch["text_width"]
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=MODEL_MAX_LENGTH, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, projection_dim=width,
+    ))  # fmt: skip
+    n_vae = len(arch["vae_blocks"])
+    vae = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n_vae,
+        up_block_types=("UpDecoderBlock2D",) * n_vae, block_out_channels=arch["vae_blocks"],
+        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=32,
+    )  # fmt: skip
+    unet = dict(
+        sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=arch["unet_blocks"],
+        layers_per_block=1, cross_attention_dim=width, attention_head_dim=arch["heads"], norm_num_groups=8,
+    )  # fmt: skip
+    return _save_sd_layout(folder, text, vae, unet, SCHEDULER)
+
+
+def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[tempfile.TemporaryDirectory, Path]:
+    """A random-weight model of ``size`` in a new temporary folder: ``(folder handle, model path)``.
+
+    The folder lives as long as the handle (``handle.cleanup()`` removes it at once).
+    """
+    tmp = tempfile.TemporaryDirectory(prefix=prefix)
+    return tmp, build_random_model(Path(tmp.name) / size, size=size)

@@ -14,13 +14,13 @@ from agents.core import RolloutBuffer, optimizer_step
 
 @pytest.fixture(scope="module")
 def micro_model(tmp_path_factory):
-    from benchmarks.tiny_model import build_random_model
+    from diffusion_env.testing import build_random_model
 
     return build_random_model(tmp_path_factory.mktemp("micro") / "model", size="micro")
 
 
 def test_random_model_sizes_are_checked(tmp_path):
-    from benchmarks.tiny_model import build_random_model
+    from diffusion_env.testing import build_random_model
 
     with pytest.raises(ValueError, match="expected one of"):
         build_random_model(tmp_path, size="huge")
