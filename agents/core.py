@@ -194,10 +194,11 @@ class PairBatch(NamedTuple):
 class TrainStep(NamedTuple):
     """The pairs of one optimizer step that this process owns, and the step's global pair count."""
 
-    sample_idx: torch.Tensor
+    sample_idx: torch.Tensor  # on the device
     step_idx: torch.Tensor
     advantages: torch.Tensor
     num_pairs: int
+    sample_idx_host: torch.Tensor  # the same indices on the CPU: prompts are looked up without a device sync
 
 
 class RolloutBuffer:
@@ -242,8 +243,8 @@ class RolloutBuffer:
                 perm = torch.randperm(len(sample_idx), generator=generator)
                 sample_idx, step_idx = sample_idx[perm], step_idx[perm]
             total = len(sample_idx)
-            _, s, j, adv = local_pairs(self.rollout, sample_idx.to(self.device), step_idx.to(self.device), self.advantages)
-            out.append(TrainStep(s, j, adv, total))
+            _, s, j, adv = local_pairs(self.rollout, sample_idx, step_idx, self.advantages)
+            out.append(TrainStep(s.to(self.device), j.to(self.device), adv, total, s))
         return out
 
     def micro_batches(self, step: TrainStep) -> Iterator[PairBatch]:
@@ -251,12 +252,15 @@ class RolloutBuffer:
         for m in range(0, len(step.sample_idx), self.micro_batch_size):
             sl = slice(m, m + self.micro_batch_size)
             s, j = step.sample_idx[sl], step.step_idx[sl]
-            yield self.pairs(s, j, step.advantages[sl], step.num_pairs)
+            yield self.pairs(s, j, step.advantages[sl], step.num_pairs, step.sample_idx_host[sl])
 
-    def pairs(self, s: torch.Tensor, j: torch.Tensor, advantages: torch.Tensor, num_step_pairs: int) -> PairBatch:
-        """Gather pairs ``(s, j)`` of this process's rollout into one flat batch."""
+    def pairs(self, s: torch.Tensor, j: torch.Tensor, advantages: torch.Tensor, num_step_pairs: int,
+              s_host: torch.Tensor | None = None) -> PairBatch:  # fmt: skip
+        """Gather pairs ``(s, j)`` of this process's rollout into one flat batch (``s_host``: ``s`` on the CPU,
+        for the prompts' lookup)."""
         ro = self.local
-        obs = {"prompt": [ro.prompts[i] for i in s.tolist()], "t": ro.timesteps[s, j], "x_t": ro.latents[s, j]}
+        s_host = s.cpu() if s_host is None else s_host
+        obs = {"prompt": [ro.prompts[i] for i in s_host.tolist()], "t": ro.timesteps[s, j], "x_t": ro.latents[s, j]}
         return PairBatch(obs, ro.latents[s, j + 1], self.old_log_probs[s, j], advantages, num_step_pairs, s, j)
 
     def store_old_log_probs(self, batch: PairBatch, log_probs: torch.Tensor) -> torch.Tensor:

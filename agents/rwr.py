@@ -48,11 +48,12 @@ def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generato
     for _ in range(cfg.rwr_updates_per_epoch):
         idx = torch.randperm(B, generator=generator)[: cfg.train_batch_size]
         t, noise = family.training_inputs(len(idx), latent_shape, generator)
-        t, noise, idx = t.to(device), noise.to(device), idx.to(device)
+        t, noise = t.to(device), noise.to(device)  # idx stays on the CPU: prompts are looked up without a sync
         # Importance of each drawn sample: its weight rescaled so the expectation is the full loss.
         w = weights[idx] * (B / len(idx)) / n_prompts
         # Several processes: keep the drawn samples this process holds (one process: all of them).
         keep, x0, prompts = buffer.samples(idx)
+        keep = keep.to(device)
         t, noise, w = t[keep], noise[keep], w[keep]
         x_t, target = family.noised(x0, t, noise)
         for m in range(0, len(t), cfg.micro_batch_size):
