@@ -54,7 +54,7 @@ class AestheticHead(nn.Module):
 
     def __init__(self, in_dim: int = 768):
         super().__init__()
-        if not isinstance(in_dim, int) or in_dim < 1:
+        if isinstance(in_dim, bool) or not isinstance(in_dim, int) or in_dim < 1:
             raise ValueError(f"in_dim={in_dim!r}; expected a positive int (768 for CLIP ViT-L/14)")
         self.in_dim = in_dim
         self.layers = nn.Sequential(
@@ -220,7 +220,7 @@ class AestheticReward:
         resize_mode: str = "bicubic",
         cache_dir: str | os.PathLike | None = None,
     ):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         if resize_mode not in ("bicubic", "bilinear"):
             raise ValueError(f"resize_mode={resize_mode!r}; expected 'bicubic' or 'bilinear'")
