@@ -289,6 +289,7 @@ def make_handler(
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        default_request_version = "HTTP/1.1"  # replies to unparsable request lines carry a status line too
         timeout = REQUEST_TIMEOUT_S  # socket timeout of each connection
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
@@ -365,6 +366,8 @@ def make_handler(
         def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
             """Errors found by the HTTP parser itself (bad request line, headers too long...) as JSON too."""
             self.close_connection = True
+            if code == HTTPStatus.NOT_IMPLEMENTED:  # an unknown method is the client's error
+                code, message = 405, f"method {self.command!r} is not supported; expected GET or POST"
             try:
                 text = message or HTTPStatus(code).phrase
             except ValueError:
