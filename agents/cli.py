@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
     import warnings
 
-    warnings.formatwarning = _one_line_warning
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
     except (Exception, KeyboardInterrupt) as exc:
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {failure.message}", file=sys.stderr)
         return failure.code
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":
