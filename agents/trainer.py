@@ -45,6 +45,7 @@ from agents.policy import GaussianUNetPolicy
 from agents.registry import get_algo
 from agents.rundir import lock_run_dir
 from agents.runtime import retain_freed_memory
+from rewards.base import check_options
 from rewards.secrets import redact
 
 CHECKPOINT_KEEP = 2
@@ -67,6 +68,12 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     if cfg.env_id not in gym.registry:
         known = sorted(i for i in gym.registry if i.startswith("Denoise-"))
         raise ValueError(f"unknown env id {cfg.env_id!r}; expected one of {known}")
+    creator = gym.spec(cfg.env_id).vector_entry_point
+    if creator is not None:  # a misspelt env option: one line listing the known ones, not a TypeError
+        from gymnasium.envs.registration import load_env_creator
+
+        creator = load_env_creator(creator) if isinstance(creator, str) else creator
+        check_options(creator, kwargs, f"env {cfg.env_id!r}")
     env = gym.make_vec(cfg.env_id, num_envs=num_envs or cfg.sample_batch_size,
                        vectorization_mode="vector_entry_point", **kwargs)  # fmt: skip
     return env.unwrapped

@@ -201,3 +201,14 @@ def test_a_real_process_prints_one_line_and_exits_with_the_code(tmp_path):
         f"error: bad config or option: {tmp_path / 'nothing'} is not a run directory (no config.json); expected "
         "the folder of a run"
     ]
+
+
+def test_a_misspelt_env_option_lists_the_known_ones(capsys, tmp_path, tiny_sd):
+    line = _run(capsys, _args(tiny_sd, tmp_path / "run", num_stepz=3), errors.EXIT_CONFIG)
+    assert "env 'Denoise-SD14-Incompressibility-v0' has no option 'num_stepz'; expected one of [" in line
+    assert "'num_steps'" in line and "'reward_kwargs'" in line
+
+
+def test_interrupt_is_one_line_with_its_own_code():
+    failure = errors.classify(KeyboardInterrupt(), run_dir="runs/x")
+    assert failure.code == errors.EXIT_INTERRUPTED and "--resume runs/x" in failure.message
