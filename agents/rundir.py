@@ -29,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,4 +228,7 @@ def lock_run_dir(run_dir: str | os.PathLike, *, timeout_s: float = 0.0) -> RunDi
     lock = (_acquire_flock if fcntl is not None else _acquire_exclusive)(run_dir, timeout_s)
     with _HELD_GUARD:
         _HELD[key] = lock
+    if lock.took_over and lock.took_over.get("pid") != os.getpid():
+        warnings.warn(f"run directory {run_dir}: took over the lock of {describe_holder(lock.took_over)}, which "
+                      "is no longer running", UserWarning, stacklevel=2)  # fmt: skip
     return lock

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,7 +65,8 @@ def test_lock_of_a_sigkilled_process_is_taken_over(tmp_path):
     holder.send_signal(signal.SIGKILL)
     _stop(holder)
     assert json.loads((run / LOCK_NAME).read_text())["pid"] == holder.pid  # the dead holder's file remains
-    lock = lock_run_dir(run)
+    with pytest.warns(UserWarning, match=f"took over the lock of pid {holder.pid} on host .* no longer running"):
+        lock = lock_run_dir(run)
     try:
         assert lock.took_over["pid"] == holder.pid
         assert json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
