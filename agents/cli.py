@@ -6,6 +6,11 @@
     denoise-gym sample --run RUN_DIR --prompt "a red circle" --prompt "a blue square" --out grid.png
 
 Every :class:`~agents.config.TrainConfig` field is an option (``--field-name VALUE``).
+
+Expected failures (missing weights, no checkpoint, a run directory in use, permission denied, a full
+disk, an unreachable reward server, a bad option) print one line saying what failed and what to do,
+and exit with a distinct code (:mod:`agents.errors`); ``--debug`` (anywhere on the line) adds the
+traceback. Warnings print as one ``warning: ...`` line each.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import argparse
 import dataclasses
 import json
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from agents import errors
 from agents.config import TrainConfig, preset_config
 
 
@@ -47,7 +54,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 def _load_run_config(run: str) -> TrainConfig:
     path = Path(run) / "config.json"
     if not path.exists():
-        raise SystemExit(f"error: {run} is not a run directory (no config.json)")
+        raise ValueError(f"{run} is not a run directory (no config.json); expected the folder of a run")
     cfg = TrainConfig.from_dict(json.loads(path.read_text()))
     return cfg.replace(run_dir=str(run))
 
@@ -67,6 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             env_id=args.env, algo=args.algo, **overrides
         )
         trainer = Trainer(cfg)
+    args.locked_run_dir = str(trainer.run_dir)  # for the advice of a failure message
     history = trainer.train()
     last = history[-1] if history else {}
     if trainer.dist.is_main:  # under torchrun / accelerate launch: one summary line, not one per process
@@ -119,6 +127,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denoise-gym", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a policy")
     p.add_argument("--env", dest="env")
@@ -144,13 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {errors.one_line(str(message))}\n"
+
+
+def _run_dir_of(args: argparse.Namespace) -> str | None:
+    names = ("locked_run_dir", "resume", "run", "run_dir")
+    return next((getattr(args, n) for n in names if getattr(args, n, None)), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere, not only before the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    import warnings
+
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.func(args)
-    except ValueError as exc:  # configuration errors: a message, not a traceback
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as exc:
+        failure = errors.classify(exc, run_dir=_run_dir_of(args))
+        if failure is None:  # not an expected failure: a bug, show everything
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {failure.message}", file=sys.stderr)
+        return failure.code
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

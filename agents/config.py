@@ -250,7 +250,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        data = {RENAMED.get(k, k): v for k, v in data.items()}  # config.json of runs written before a rename
+        """The config written to a run's config.json; credentials redacted there are dropped, so the
+        reward falls back to ``api_key_env`` / ``OPENAI_API_KEY`` (see :mod:`rewards.secrets`)."""
+        from rewards.secrets import drop_redacted
+
+        data = drop_redacted({RENAMED.get(k, k): v for k, v in data.items()})  # and fields renamed since
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -302,6 +306,31 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # weight by a factor e within its prompt. Measured on the shipped model, 8 training prompts × 8 samples:
 # 0.057 kB (JPEG size, both JPEG tasks) and 0.064 (BERTScore recall, prompt alignment).
 TINY_RWR_BETA = {"Compressibility": 16.0, "Incompressibility": 16.0, "PromptAlignment": 16.0}
+
+
+MEAN_TUNED_CLIP_MAX = 1e-2  # clip ranges at or below this are of the mean-reduced scale (paper 1e-4, tiny 1e-3)
+
+
+def compatibility_warnings(cfg: TrainConfig, latent_dim: int | None = None) -> list[str]:
+    """Settings that validate one by one but do not work together as intended, each with the reason.
+
+    ``latent_dim``: the number of latent dimensions D (the env's ``prod(latent_shape)``), when known.
+    A sum-reduced log-prob is D times the mean-reduced one, and so is every log-ratio: PPO's
+    ``ratio = exp(Δ)`` then moves D times further from 1, and a clip range tuned for the mean (the
+    paper's 1e-4) clips nearly every pair (a trial: clipfrac 0.75, approx_kl 5.7e5).
+    """
+    out = []
+    uses_clip = cfg.algo == "ddpo-is"
+    if uses_clip and cfg.log_prob_reduction == "sum" and cfg.clip_range <= MEAN_TUNED_CLIP_MAX:
+        d = f"D={latent_dim}" if latent_dim else "D = the number of latent dimensions"
+        scaled = f"{cfg.clip_range * latent_dim:.3g}" if latent_dim else "clip_range·D"
+        out.append(
+            f"log_prob_reduction='sum' with clip_range={cfg.clip_range:g}: that clip range is of the scale of "
+            f"mean-reduced log-probs; summed over {d} latent dimensions every log-ratio is D times larger, so "
+            f"expect ratios of order exp(±D·δ) and most pairs clipped (clipfrac near 1, huge approx_kl); use "
+            f"log_prob_reduction='mean', or scale clip_range by D (about {scaled})"
+        )
+    return out
 
 
 def preset_config(preset: str, algo: str, **overrides: Any) -> TrainConfig:

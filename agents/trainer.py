@@ -27,6 +27,8 @@ import os
 import re
 import shutil
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +39,14 @@ from safetensors.torch import load_file, save_file
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents import distributed
-from agents.config import TrainConfig
+from agents.config import TrainConfig, compatibility_warnings
 from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
 from agents.policy import GaussianDenoisingPolicy
 from agents.registry import get_algo
+from agents.rundir import lock_run_dir
 from agents.runtime import retain_freed_memory
+from rewards.base import check_options
+from rewards.secrets import redact
 
 CHECKPOINT_KEEP = 2
 
@@ -63,6 +68,12 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     if cfg.env_id not in gym.registry:
         known = sorted(i for i in gym.registry if i.startswith("Denoise-"))
         raise ValueError(f"unknown env id {cfg.env_id!r}; expected one of {known}")
+    creator = gym.spec(cfg.env_id).vector_entry_point
+    if creator is not None:  # a misspelt env option: one line listing the known ones, not a TypeError
+        from gymnasium.envs.registration import load_env_creator
+
+        creator = load_env_creator(creator) if isinstance(creator, str) else creator
+        check_options(creator, kwargs, f"env {cfg.env_id!r}")
     env = gym.make_vec(cfg.env_id, num_envs=num_envs or cfg.sample_batch_size,
                        vectorization_mode="vector_entry_point", **kwargs)  # fmt: skip
     return env.unwrapped
@@ -73,12 +84,17 @@ def _unserializable(obj: Any) -> str:
 
 
 def config_json(cfg: TrainConfig) -> str:
-    """The config as JSON; objects such as a callable reward are recorded by their repr."""
-    return json.dumps(cfg.to_dict(), indent=2, default=_unserializable)
+    """The config as JSON, credentials redacted (:func:`rewards.secrets.redact`); objects such as a
+    callable reward are recorded by their repr."""
+    return json.dumps(redact(cfg.to_dict()), indent=2, default=_unserializable)
+
+
+class NoCheckpointError(ValueError):
+    """``resume`` was asked of a run directory without a checkpoint."""
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: never shared with another writer
     tmp.write_text(text)
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
@@ -103,7 +119,7 @@ def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
     img = Image.fromarray(array)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     img.save(tmp)
     os.replace(tmp, path)
 
@@ -120,11 +136,27 @@ class Trainer:
         self.update_fn = get_algo(cfg.algo)
         self.run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / f"{cfg.env_id}-{cfg.algo}-s{cfg.seed}")
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self._writer = None
+        # One process per run directory for the trainer's whole life (agents/rundir.py); released by close().
+        lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
+        self._release_lock = weakref.finalize(self, lock.release) if lock is not None else (lambda: None)
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
         if not resume and (self.ckpt_dir / "latest").exists():
             raise ValueError(
                 f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or choose another run_dir"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume and not (self.ckpt_dir / "latest").exists():  # said before loading anything heavy
+            raise NoCheckpointError(
+                f"{self.run_dir} has no checkpoint to resume (no {self.ckpt_dir / 'latest'}: the run stopped before "
+                f"its first checkpoint); start it afresh with the same settings, e.g. `denoise-gym train --env "
+                f"{cfg.env_id} --algo {cfg.algo} --run-dir {self.run_dir}` plus the options of its config.json"
+            )
         self.env = make_env(cfg)
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(derive_seed(cfg.seed))  # LoRA's random init derives from the run's seed too
@@ -145,7 +177,24 @@ class Trainer:
             metrics = self.run_dir / "metrics.jsonl"
             if metrics.exists():
                 metrics.unlink()
-        self._writer = None
+        for warning in compatibility_warnings(cfg, latent_dim=int(np.prod(self.env.latent_shape))):
+            warnings.warn(warning, UserWarning, stacklevel=3)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer and the env, and release the run directory's lock (idempotent)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        env = getattr(self, "env", None)
+        if env is not None:
+            env.close()
+        self._release_lock()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ collection
     def collect(self, epoch: int) -> Rollout:
@@ -194,6 +243,7 @@ class Trainer:
         self.plot_reward_curve()
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
         return self.history
 
     def train_epoch(self) -> dict[str, Any]:
@@ -285,7 +335,8 @@ class Trainer:
     def plot_reward_curve(self) -> None:
         if not self.dist.is_main:
             return
-        rows = [json.loads(line) for line in open(self.run_dir / "metrics.jsonl")] if (self.run_dir / "metrics.jsonl").exists() else []
+        path = self.run_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         if not rows:
             return
         import matplotlib
@@ -304,7 +355,7 @@ class Trainer:
         ax.set_title(self.cfg.env_id)
         ax.legend()
         fig.tight_layout()
-        tmp = self.run_dir / ".reward_curve.tmp.png"
+        tmp = self.run_dir / f".reward_curve.{os.getpid()}.tmp.png"
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, self.run_dir / "reward_curve.png")
@@ -317,7 +368,7 @@ class Trainer:
         """Write ckpt-NNNN atomically (temp folder, fsync, rename), then repoint ``latest``."""
         self.ckpt_dir.mkdir(exist_ok=True)
         name = f"ckpt-{self.epoch:04d}"
-        tmp = self.ckpt_dir / f".{name}.tmp"
+        tmp = self.ckpt_dir / f".{name}.{os.getpid()}.tmp"  # per process (the run-dir lock makes it moot)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -326,7 +377,7 @@ class Trainer:
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         state = {
             "epoch": self.epoch, "reward_queries": self.reward_queries, "optimizer": opt_meta,
-            "tracker": self.tracker.state_dict(), "config": self.cfg.to_dict(), "format": 1,
+            "tracker": self.tracker.state_dict(), "config": redact(self.cfg.to_dict()), "format": 1,
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, default=_unserializable))
         for f in tmp.iterdir():
@@ -344,7 +395,7 @@ class Trainer:
     def _load_checkpoint(self) -> None:
         latest = self.ckpt_dir / "latest"
         if not latest.exists():
-            raise ValueError(f"{self.run_dir} has no checkpoint to resume (no {latest}); expected the run "
+            raise NoCheckpointError(f"{self.run_dir} has no checkpoint to resume (no {latest}); expected the run "
                              "directory of a run that saved a checkpoint")
         name = latest.read_text(errors="replace").strip()
         if not re.fullmatch(r"ckpt-\d+", name):
@@ -377,7 +428,7 @@ class Trainer:
             self.history = [r for r in rows if isinstance(r, dict) and r.get("epoch", self.epoch) < self.epoch]
             if self.dist.is_main:
                 _atomic_write_text(metrics, "".join(json.dumps(r) + "\n" for r in self.history))
-        if self.dist.is_main:  # temp folders of a checkpoint write that was interrupted
+        if self.dist.is_main:  # temp folders of an interrupted checkpoint write (we hold the run-dir lock)
             for tmp in self.ckpt_dir.glob(".ckpt-*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,10 +15,11 @@ from gymnasium.vector.utils import batch_space
 
 from diffusion_env.models import ModelFamily, load_family
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
+from diffusion_env.spaces import MAX_PROMPT_LENGTH, SAMPLE_CHARSET, PromptText, check_prompt
 from rewards import AsyncRewardEvaluator, make_reward, reward_name, score_batch
+from rewards.base import check_int
 
-PROMPT_CHARSET = string.printable
-MAX_PROMPT_LENGTH = 10_000
+PROMPT_CHARSET = SAMPLE_CHARSET  # what PromptText.sample draws from; any UTF-8 text is a member
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -48,9 +48,11 @@ class DenoisingEnv(VectorEnv):
     the reward function and the prompt distribution.
 
     ## Observation space (per sub-environment)
-    ``Dict(prompt=Text, t=Discrete(T), x_t=Box(-inf, inf, latent_shape, float32))`` where T is the
+    ``Dict(prompt=PromptText, t=Discrete(T), x_t=Box(-inf, inf, latent_shape, float32))`` where T is the
     scheduler's number of training timesteps and ``latent_shape = (C, H/f, W/f)`` for the VAE's
-    latent channels C and downsampling factor f. Observations are returned batched as a dict with
+    latent channels C and downsampling factor f. ``PromptText`` (:mod:`diffusion_env.spaces`) holds
+    every prompt the env accepts: any UTF-8-encodable text of at most 10,000 code points; the env
+    refuses other prompts with ``ValueError``. Observations are returned batched as a dict with
     ``prompt`` a tuple of ``num_envs`` strings, ``t`` a ``[num_envs]`` int64 tensor and ``x_t`` a
     ``[num_envs, *latent_shape]`` tensor, on ``device``.
 
@@ -96,7 +98,11 @@ class DenoisingEnv(VectorEnv):
       classifier-free guidance weight policies should use (the env itself does not run the UNet).
     - ``height``, ``width``: image size in pixels (default: the VAE's sample size).
     - ``device``, ``dtype``: where and in which precision the frozen parts run.
-    - ``decode_batch_size``: images decoded per VAE call at the terminal step (bounds memory).
+    - ``decode_batch_size``: images decoded per VAE call at the terminal step (bounds memory). The
+      default 1 makes every image independent of its batch, so a vector env and single envs give
+      bit-identical images and rewards; larger values decode faster but batched kernels round
+      differently (|Δ pixel| ~1e-6 on the tiny VAE in fp32), so float rewards may then differ in the
+      last bits (quantised ones such as JPEG sizes agree).
     - ``async_reward``, ``reward_workers``: deferred terminal rewards computed by a thread pool.
 
     ## Version history
@@ -124,24 +130,25 @@ class DenoisingEnv(VectorEnv):
         family: str | None = None,
         action_bound: float = 100.0,
         validate_actions: bool = True,
-        decode_batch_size: int = 64,
+        decode_batch_size: int = 1,
         async_reward: bool = False,
         reward_workers: int = 2,
         render_mode: str | None = None,
     ):
         # 1. Validate settings before loading anything heavy.
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
-            raise ValueError(f"num_envs={num_envs!r}; expected a positive integer")
-        if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}; expected a positive integer")
+        check_int("num_envs", num_envs, 1)  # strict: no bool-for-int, no truncated floats
+        check_int("num_steps", num_steps, 1)
+        check_int("decode_batch_size", decode_batch_size, 1)
+        check_int("reward_workers", reward_workers, 1)
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                check_int(name, value, 1)
         if not eta > 0:
             raise ValueError(f"eta={eta}; the DDIM step has no density for eta <= 0. Use eta > 0 (DDPO uses 1)")
         if not guidance_scale >= 1.0:
             raise ValueError(f"guidance_scale={guidance_scale}; expected >= 1 (1 disables guidance)")
         if not action_bound > 0 or not np.isfinite(action_bound):
             raise ValueError(f"action_bound={action_bound}; expected a finite positive number")
-        if decode_batch_size < 1:
-            raise ValueError(f"decode_batch_size={decode_batch_size}; expected a positive integer")
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode={render_mode!r}; expected None or one of {self.metadata['render_modes']}")
         self.num_envs = int(num_envs)
@@ -177,7 +184,7 @@ class DenoisingEnv(VectorEnv):
         self.latent_shape = self.family.latent_shape(self.height, self.width)
         self.single_observation_space = spaces.Dict(
             {
-                "prompt": spaces.Text(max_length=MAX_PROMPT_LENGTH, min_length=0, charset=PROMPT_CHARSET),
+                "prompt": PromptText(MAX_PROMPT_LENGTH),
                 "t": spaces.Discrete(self.num_train_timesteps),
                 "x_t": spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32),
             }
@@ -201,7 +208,8 @@ class DenoisingEnv(VectorEnv):
         return finite_prompts(self.prompt_sampler)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode latents to images ``[B, 3, H, W]`` in [0, 1] (float32), ``decode_batch_size`` at a time."""
+        """Decode latents to images ``[B, 3, H, W]`` in [0, 1] (float32), ``decode_batch_size`` at a time
+        (1, the default: each image independent of the batch it came in, bit for bit)."""
         return self.family.decode(latents, self.decode_batch_size)
 
     # ------------------------------------------------------------------ gymnasium API
@@ -241,9 +249,8 @@ class DenoisingEnv(VectorEnv):
                     or not all(isinstance(p, str) for p in fixed)):  # fmt: skip
                 raise ValueError(f"options['prompts'] is {fixed!r:.200}; expected a list of {self.num_envs} strings")
             drawn = tuple(fixed)
-        for p in drawn:  # the observation space's Text(max_length=MAX_PROMPT_LENGTH)
-            if len(p) > MAX_PROMPT_LENGTH:
-                raise ValueError(f"a prompt has {len(p)} characters; expected at most {MAX_PROMPT_LENGTH}")
+        for p in drawn:  # exactly the members of the observation space's PromptText
+            check_prompt(p)
         self._prompts = drawn
 
         # 2. x_T ~ N(0, I) per sub-environment, drawn on the CPU for device-independent seeding.

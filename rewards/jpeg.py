@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards.base import RewardInfo, as_uint8_images, check_prompts
+from rewards.base import RewardInfo, as_uint8_images, check_int, check_prompts
 
 JPEG_QUALITY = 95
 FD_MIN_PIXELS = 256 * 256
@@ -84,9 +84,7 @@ class JpegIncompressibility:
     name = "jpeg_incompressibility"
 
     def __init__(self, quality: int = JPEG_QUALITY):
-        if not 1 <= int(quality) <= 100:
-            raise ValueError(f"quality={quality}; expected an integer JPEG quality in [1, 100]")
-        self.quality = int(quality)
+        self.quality = check_int("quality", quality, 1, 100)  # JPEG quality; True or 95.9 are refused
 
     def __call__(self, images, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         kb = jpeg_size_kb(images, self.quality)

@@ -177,7 +177,7 @@ def test_missing_sd14_weights_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match="CompVis/stable-diffusion-v1-4.*huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match="CompVis/stable-diffusion-v1-4.*hf download"):
         gym.make("Denoise-SD14-Compressibility-v0")
     with pytest.raises(ModelNotFoundError, match="lacks"):
         gym.make("Denoise-SD14-Compressibility-v0", model=str(tmp_path))
@@ -242,3 +242,85 @@ def test_async_reward_matches_sync(tiny_sd):
         results[deferred] = reward
         env.close()
     assert torch.equal(results[False], results[True])
+
+
+UNICODE_PROMPTS = ["a cat \U0001f431", "\u05e9\u05dc\u05d5\u05dd \u05e2\u05d5\u05dc\u05dd", "\u200fright-to-left mark",
+                   "nul\x00byte", "caf\u00e9 \u4e00\u4e8c"]  # fmt: skip
+
+
+def test_unicode_prompts_are_inside_the_observation_space(tiny_sd):
+    import string
+    import warnings
+
+    from gymnasium import spaces
+
+    assert not any(spaces.Text(10_000, charset=string.printable).contains(p) for p in UNICODE_PROMPTS[:4])
+    env = gym.make("Denoise-SD14-Compressibility-v0", model=str(tiny_sd), height=16, width=16, num_steps=2,
+                   prompts=UNICODE_PROMPTS)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen = set()
+        for seed in range(12):
+            obs, _ = env.reset(seed=seed)
+            seen.add(obs["prompt"])
+            assert env.observation_space.contains(obs)
+            for _ in range(2):
+                obs, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert len(seen) >= 3
+    bad = [str(w.message) for w in caught if "observation space" in str(w.message) or "obs returned" in str(w.message)]
+    assert not bad, bad
+
+
+def test_prompts_outside_the_space_are_refused_clearly(tiny_sd):
+    env = make_env(tiny_sd, num_envs=1)
+    with pytest.raises(ValueError, match="lone surrogate"):
+        env.reset(seed=0, options={"prompts": ["bad \ud800 text"]})
+    space = env.single_observation_space["prompt"]
+    assert not space.contains("bad \ud800 text") and not space.contains(3) and space.contains("\U0001f431")
+    assert space.contains(space.sample())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_envs=True), "num_envs=True; expected an integer >= 1"),
+        (dict(num_steps=2.5), r"num_steps=2.5; expected an integer >= 1"),
+        (dict(decode_batch_size=4.0), r"decode_batch_size=4.0; expected an integer >= 1"),
+        (dict(height=16.7), r"height=16.7; expected an integer >= 1"),
+        (dict(reward_kwargs={"quality": True}), r"quality=True; expected an integer in \[1, 100\]"),
+        (dict(reward_kwargs={"quality": 95.9}), r"quality=95.9; expected an integer in \[1, 100\]"),
+        (dict(reward_kwargs={"qualty": 90}), r"no option 'qualty'; expected one of \['quality'\]"),
+    ],
+)
+def test_options_are_validated_strictly(tiny_sd, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_env(tiny_sd, **kwargs)
+
+
+def _mean_pixel(images, prompts):
+    return images.float().mean(dim=(1, 2, 3)) * 1000.0, {}  # a float reward: any pixel difference shows
+
+
+@pytest.mark.parametrize("decode_batch_size", [1, None])
+def test_vector_and_single_envs_agree_exactly_for_float_rewards(tiny_sd, decode_batch_size):
+    """The same final latents give bit-identical images and rewards in a batch of 4 and one at a time.
+    ``None``: the default; batched decoding (decode_batch_size=4) is checked to really differ below."""
+    n = 4
+    kw = dict(reward=_mean_pixel, num_steps=2) | ({} if decode_batch_size is None else {"decode_batch_size": 1})
+    venv = make_env(tiny_sd, num_envs=n, **kw)
+    g = torch.Generator().manual_seed(0)
+    actions = [torch.randn(n, *venv.latent_shape, generator=g) * 3 for _ in range(2)]
+    venv.reset(seed=0)
+    for a in actions:
+        _, vreward, _, _, vinfo = venv.step(a)
+    for i in range(n):
+        env = make_env(tiny_sd, num_envs=1, **kw)
+        env.reset(seed=i)
+        for a in actions:
+            _, reward, _, _, info = env.step(a[i : i + 1])
+        assert torch.equal(info["images"][0], vinfo["images"][i])
+        assert torch.equal(reward[0], vreward[i])
+    batched = make_env(tiny_sd, num_envs=n, **(kw | {"decode_batch_size": n}))
+    assert not torch.equal(batched.decode_latents(actions[-1]), venv.decode_latents(actions[-1])), (
+        "batched decoding matched per-image decoding: this test could not tell them apart"
+    )

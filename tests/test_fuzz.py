@@ -346,7 +346,7 @@ def test_resume_from_truncated_checkpoint_is_refused_end_to_end(trained, tmp_pat
     trainer, _ = trained
     COUNTS["checkpoints/end_to_end"] += 1
     run = tmp_path / "run"
-    shutil.copytree(trainer.run_dir, run)
+    shutil.copytree(trainer.run_dir, run, ignore=shutil.ignore_patterns(".lock"))  # not the live trainer's lock
     weights = run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     before = _snapshot(run)

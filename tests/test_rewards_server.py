@@ -1,5 +1,6 @@
 """The local chat-completions server and the client's fault handling (all on 127.0.0.1)."""
 
+import base64
 import json
 import threading
 import time
@@ -378,3 +379,117 @@ def test_process_exits_with_an_unclosed_tiny_alignment_reward():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "made" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------- hardening
+def _raw(url, request: bytes) -> tuple[int, dict]:
+    """Send raw bytes to the server; return (status, JSON body)."""
+    import socket
+
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _call(url, body: bytes, token=None, path="/chat/completions", method="POST"):
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + path, data=body if method == "POST" else None, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _good_body(colour="red"):
+    from rewards.server import image_to_data_url
+
+    image = solid([colour])[0].permute(1, 2, 0).contiguous().numpy()
+    content = [{"type": "image_url", "image_url": {"url": image_to_data_url(image)}}]
+    return json.dumps({"messages": [{"role": "user", "content": content}]}).encode()
+
+
+def test_auth_refuses_missing_and_wrong_tokens(server):
+    url = server(token="s3cret")
+    assert _call(url, _good_body(), token=None)[0] == 401
+    status, body = _call(url, _good_body(), token="s3cretX")
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    assert _call(url, b"", token="wrong", path="/models", method="GET")[0] == 401
+    status, body = _call(url, _good_body("blue"), token="s3cret")
+    assert status == 200 and body["choices"][0]["message"]["content"] == "a blue square"
+    assert _call(url, b"", token="s3cret", path="/models", method="GET")[0] == 200
+    # without a token configured, none is needed (loopback)
+    assert _call(server(), _good_body(), token=None)[0] == 200
+
+
+def test_decompression_bomb_and_bad_lengths_are_4xx_and_the_server_keeps_serving(server):
+    from benchmarks.server_load import bomb_png
+
+    url = server()
+    bomb = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(bomb_png()).decode()}}]}]}).encode()  # fmt: skip
+    status, body = _call(url, bomb)
+    assert status == 413 and "pixels" in body["error"]["message"]
+    path = url.split("//")[1].split("/", 1)[1]
+    for length, expected in (("abc", 400), ("-1", 400), ("1e3", 400)):
+        req = f"POST /{path}/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{}}".encode()
+        status, body = _raw(url, req)
+        assert status == expected and "Content-Length" in body["error"]["message"], (length, body)
+    status, body = _raw(url, f"POST /{path}/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status == 411
+    status, body = _raw(url, b"GET / HTTP/x.y\r\n\r\n")  # the HTTP parser's own refusal is JSON too
+    assert status == 400 and "version" in body["error"]["message"]
+    status, body = _raw(url, b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")  # an unknown method: 4xx, not 501
+    assert status == 405
+    status, body = _call(url, json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nbroken").decode()}}]}]}).encode())  # fmt: skip
+    assert status == 400
+    assert _call(url, b"[" * 100_000)[0] == 400  # deeply nested JSON
+    status, body = _call(url, _good_body("green"))  # still serving
+    assert status == 200 and body["choices"][0]["message"]["content"] == "a green square"
+
+
+def test_body_size_limit_is_413_with_a_clean_reply(server):
+    url = server(max_body_bytes=1000)
+    status, body = _call(url, b"x" * 5000)
+    assert status == 413 and "at most 1000" in body["error"]["message"]
+    assert _call(url, _good_body())[0] == 200
+
+
+def test_non_loopback_bind_needs_a_token_or_an_explicit_insecure_flag(tmp_path, monkeypatch):
+    from rewards import server as srv
+
+    with pytest.raises(ValueError, match="host='0.0.0.0' is reachable from other machines and no token"):
+        serve_in_thread(describe_colours, host="0.0.0.0")
+    url, stop = serve_in_thread(describe_colours, host="0.0.0.0", insecure=True)
+    stop()
+    url, stop = serve_in_thread(describe_colours, host="0.0.0.0", token="t")
+    stop()
+    with pytest.raises(SystemExit) as info:
+        srv.main(["--host", "0.0.0.0", "--port", "0"])
+    assert info.value.code == 2
+    monkeypatch.setenv("SERVER_TOKEN", " tok-env \n")
+    assert srv.read_token("SERVER_TOKEN") == "tok-env"
+    (tmp_path / "tok").write_text("tok-file\nignored\n")
+    assert srv.read_token(token_file=str(tmp_path / "tok")) == "tok-file"
+    with pytest.raises(ValueError, match=r"\$UNSET_TOKEN_VAR is not set"):
+        srv.read_token("UNSET_TOKEN_VAR")
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        srv.read_token(token_file=str(tmp_path / "empty"))
+
+
+def test_load_drill_every_request_answered_as_expected():
+    from benchmarks.server_load import run_load
+
+    r = run_load(requests=120, clients=6, seed=1)
+    assert r["problems"] == [] and r["lost"] == 0 and r["correct"] == 120
+    assert r["handler_threads_left"] == 0
+    assert {"200", "400", "401", "404", "413", "500"} <= set(r["by_status"])  # the mix really was mixed

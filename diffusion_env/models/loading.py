@@ -56,7 +56,7 @@ def resolve_model_path(
         raise ModelNotFoundError(
             f"the weights of {repo_id!r} are not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and no local folder has that name. "
-            f"Fetch them once with `huggingface-cli download {repo_id}`, or pass download=True to "
+            f"Fetch them once with `hf download {repo_id}`, or pass download=True to "
             f"gym.make, or pass model=<path to a local copy>."
         ) from exc
     return Path(local)

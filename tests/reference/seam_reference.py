@@ -41,9 +41,11 @@ def run_config(env_id: str, algo: str, run_dir: Path, tiny_sd: Path, vlm_url: st
     """The TrainConfig fields of one reference run."""
     from rewards.alignment import MINILM
 
-    env_kwargs: dict = {}
+    # The reference decoded 64 images per VAE call (its default; decoding one at a time became the default
+    # later, for batch-size-independent float rewards): pinned, as LEGACY pins RWR's old options.
+    env_kwargs: dict = dict(decode_batch_size=64)
     if env_id.startswith("Denoise-SD14-"):
-        env_kwargs = dict(model=str(tiny_sd), height=16, width=16, prompts=["a cat", "a dog", "a red circle"])
+        env_kwargs.update(model=str(tiny_sd), height=16, width=16, prompts=["a cat", "a dog", "a red circle"])
         if "Aesthetic" in env_id:
             from test_rewards_aesthetic import random_head, tiny_clip
 
