@@ -118,9 +118,10 @@ def reward_name(fn: Any) -> str:
     name = getattr(fn, "name", None)
     if isinstance(name, str) and name:
         return name
-    name = getattr(fn, "__name__", None)
-    if isinstance(name, str) and name and name != "<lambda>":
-        return name
+    for attr in ("__qualname__", "__name__"):  # a qualname with "<locals>" or "<lambda>" reads worse
+        name = getattr(fn, attr, None)
+        if isinstance(name, str) and name and "<" not in name:
+            return name
     return type(fn).__name__
 
 
