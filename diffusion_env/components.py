@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from rewards.downloads import download_command
+
 SD14_REPO = "CompVis/stable-diffusion-v1-4"
 TINY_MODEL_PATH = Path(__file__).resolve().parent / "assets" / "tiny"
 _FROZEN_SUBFOLDERS = ("scheduler", "vae", "text_encoder", "tokenizer")
@@ -53,7 +55,7 @@ def resolve_model_path(model: str | os.PathLike, *, download: bool = False, revi
         raise ModelNotFoundError(
             f"the weights of {repo_id!r} are not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and no local folder has that name. "
-            f"Fetch them once with `huggingface-cli download {repo_id}`, or pass download=True to "
+            f"Fetch them once with `{download_command(repo_id)}`, or pass download=True to "
             f"gym.make, or pass model=<path to a local copy>."
         ) from exc
     return Path(local)

@@ -15,6 +15,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from diffusion_env.components import FrozenComponents, load_components
+from diffusion_env.downloads import check_downloads
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
 from diffusion_env.step_math import check_std, previous_timestep, schedule_std
 from rewards import AsyncRewardEvaluator, RewardError, check_reward_output, make_reward
@@ -153,6 +154,9 @@ class DenoisingEnv(VectorEnv):
         self.decode_batch_size = int(decode_batch_size)
         self.render_mode = render_mode
         self.prompt_sampler = make_prompt_sampler(prompts)
+        # Every missing download (diffusion weights, reward models) in one message, before anything loads.
+        check_downloads(model=None if components is not None else model, reward=reward,
+                        reward_kwargs=reward_kwargs, download=download)  # fmt: skip
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
         self.async_reward = bool(async_reward)
         self._evaluator = AsyncRewardEvaluator(self.reward_fn, max_workers=reward_workers) if async_reward else None

