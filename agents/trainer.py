@@ -215,6 +215,7 @@ class Trainer:
                 self.last_epoch_s = time.perf_counter() - epoch_start
                 if self.dist.any(interrupt.requested) and self._saved_epoch != self.epoch:
                     self.dist.on_main(self.save_checkpoint)  # stop with this epoch's work kept
+                    self._saved_epoch = self.epoch
                 if progress is not None:
                     if cfg.time_limit_s:  # the bar's total follows the limit that will stop the run
                         more = epochs_within_time(cfg.time_limit_s, time.perf_counter() - started, self.last_epoch_s)
@@ -224,9 +225,9 @@ class Trainer:
             self.stop_reason = reason
             if progress is not None:
                 progress.close()
-        if reason != INTERRUPTED:  # a stopped run gets its after-grid when it finishes
-            self.write_grid(self.run_dir / "grid_after.png")
-        self.plot_reward_curve()
+            if reason != INTERRUPTED:  # a stopped run gets its after-grid when it finishes
+                self.write_grid(self.run_dir / "grid_after.png")
+            self.plot_reward_curve()
         if self._writer is not None:
             self._writer.close()
         return self.history
@@ -267,6 +268,7 @@ class Trainer:
         )
         if self.epoch % cfg.save_every == 0 or last:
             self.dist.on_main(self.save_checkpoint)
+            self._saved_epoch = self.epoch
         return metrics
 
     # ------------------------------------------------------------------ logging
@@ -364,7 +366,6 @@ class Trainer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(self.ckpt_dir / "latest", name)
-        self._saved_epoch = self.epoch
         for old in sorted(p for p in self.ckpt_dir.glob("ckpt-*") if p.name != name)[:-(CHECKPOINT_KEEP - 1) or None]:
             shutil.rmtree(old, ignore_errors=True)
         return final

@@ -16,7 +16,7 @@ from gymnasium.vector.utils import batch_space
 
 from diffusion_env.components import FrozenComponents, load_components
 from diffusion_env.downloads import check_downloads
-from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
+from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler, warn_if_truncated
 from diffusion_env.step_math import check_std, previous_timestep, schedule_std
 from rewards import AsyncRewardEvaluator, RewardError, check_reward_output, make_reward
 
@@ -246,6 +246,7 @@ class DenoisingEnv(VectorEnv):
         tok = self.components.tokenizer
         for p in dict.fromkeys(prompts):
             if p not in self._embed_cache:
+                warn_if_truncated(tok, p)  # once per prompt, with its token count
                 ids = tok([p], padding="max_length", max_length=tok.model_max_length, truncation=True,
                           return_tensors="pt").input_ids.to(self.device)  # fmt: skip
                 out = self.components.text_encoder(ids)

