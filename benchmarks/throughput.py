@@ -63,6 +63,7 @@ from agents.policy import GaussianUNetPolicy
 from agents.registry import get_algo
 from agents.runtime import retain_freed_memory
 from agents.trainer import derive_seed, make_env
+from benchmarks.heartbeat import heartbeat
 from diffusion_env.components import TINY_MODEL_PATH
 
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
@@ -563,12 +564,18 @@ def main(argv=None) -> dict[str, Any]:
     warm = {}
     for side in sides:
         n = args.samples if side.name == "optimised" else side.cfg.sample_batch_size
+        compiling = side.name == "optimised" and side.cfg.compile_unet
+        print(f"warm-up {side.name}: one epoch of {n} samples"
+              + (" (torch.compile compiles every batch shape: a minute or two)" if compiling else ""), flush=True)  # fmt: skip
         t0 = time.perf_counter()
-        run_epoch(side, 10_000, n, record=False)
+        with heartbeat(f"warm-up {side.name}"):  # untimed: a line every 15 s, so a long compile is visibly alive
+            run_epoch(side, 10_000, n, record=False)
         warm[side.name] = time.perf_counter() - t0
         print(f"warm-up {side.name}: {warm[side.name]:.1f} s ({n} samples)")
 
     # 3. Timed epochs, interleaved, each replayed alone afterwards.
+    print(f"timed: {args.repeats} round(s) x {len(sides)} side(s), each epoch then replayed as pure UNet calls "
+          "(the 'pure UNet' times)", flush=True)  # fmt: skip
     for r in range(args.repeats):
         for side in sides:
             e = run_epoch(side, r, args.samples, record=True)

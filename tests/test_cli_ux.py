@@ -427,3 +427,28 @@ def test_the_readmes_first_python_block_runs_as_written():
     env = {k: v for k, v in _env().items() if not k.startswith("DENOISE_GYM")}
     r = subprocess.run([sys.executable, "-c", block], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_benchmark_figures_that_could_surprise_are_explained():
+    from benchmarks.async_rewards import explain_hidden_fraction
+    from benchmarks.improvement import QUICK, RUNS, estimate_line
+
+    neg = explain_hidden_fraction(-0.3, threads=2)
+    assert "did not pay" in neg and "2 CPU thread" in neg
+    assert "fully hidden" in explain_hidden_fraction(1.2, threads=2)
+    assert "50%" in explain_hidden_fraction(0.5, threads=2)
+    # 3 runs x ceil(2048 / 64) = 32 epochs x 15 s = 24 min
+    assert estimate_line(3, 2048, epoch_s=15.0).startswith("3 run(s) x 32 epochs of 64 samples: about 24 min")
+    assert QUICK["runs"] != RUNS and QUICK["budget"] < 2048
+
+
+def test_throughput_heartbeat_prints_while_a_silent_phase_runs():
+    import io
+
+    from benchmarks.heartbeat import heartbeat
+
+    out = io.StringIO()
+    with heartbeat("compiling", every_s=0.05, out=out):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 2 and all("compiling" in line and "s so far" in line for line in lines)
