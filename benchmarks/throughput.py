@@ -482,7 +482,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "without it glibc faults every training micro-batch's activations in afresh",
     )  # fmt: skip
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="smoke run: random micro model, 16 samples x 4 steps, 1 repeat, small peak matmul, no compile")  # fmt: skip
     args = p.parse_args(argv)
