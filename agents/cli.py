@@ -83,7 +83,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, resume=True, checkpoint=args.from_checkpoint)
         done = finished_reason(cfg, trainer.epoch, trainer.reward_queries)
         if done is not None:
-            print(f"{args.resume} is finished: {describe_stop(done, cfg, trainer.epoch, trainer.reward_queries)}. "
+            print(f"{args.resume} is finished: "
+                  f"{describe_stop(done, cfg, trainer.epoch, trainer.reward_queries).removeprefix('stopped: ')}. "
                   "To train further, resume it with a higher limit, e.g.:\n  "
                   + resume_command(trainer.run_dir, {**overrides, **_extend(cfg, done)}))  # fmt: skip
             print_outputs(trainer.run_dir)

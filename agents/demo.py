@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trainer = Trainer(cfg)
     base = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", num_samples=64)
-    trainer.train()
+    try:
+        trainer.train()  # Ctrl-C: stops after the current epoch, then evaluates what it has
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print(f"\ndemo stopped at once; what it wrote is in {run_dir}", file=sys.stderr)
+        return 130
     after = evaluate_policy(cfg, trainer.policy.unet, "tiny_train", num_samples=64)
     d = (after["reward_mean"] - base["reward_mean"]) / max(base["reward_std"], 1e-9)
     summary = {
