@@ -18,37 +18,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import traceback
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 from agents import errors
-from agents.config import TrainConfig, preset_config
+from agents.cliargs import HelpFormatter, OneLineParser, add_dataclass_options, format_default, given_options
+from agents.config import PRESETS, TrainConfig, preset_config
 
-
-def _parser_for(tp: Any):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        base = _parser_for(inner)
-        return lambda s: None if s.lower() == "none" else base(s)
-    if tp is bool:
-        return lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[s.lower()]
-    if tp in (int, float, str):
-        return tp
-    return json.loads  # dicts (env_kwargs)
-
-
-def _add_config_options(p: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("env_id", "algo"):
-            continue
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=_parser_for(hints[f.name]), default=None,
-                       metavar=f.name.upper())  # fmt: skip
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _load_run_config(run: str) -> TrainConfig:
@@ -59,31 +39,101 @@ def _load_run_config(run: str) -> TrainConfig:
     return cfg.replace(run_dir=str(run))
 
 
+def format_options(overrides: dict[str, Any]) -> str:
+    """Command-line options that set ``overrides`` (TrainConfig field values), as a shell would need them."""
+    parts = []
+    for name, value in overrides.items():
+        flag = "--" + ("env" if name == "env_id" else name.replace("_", "-"))
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag[2:])
+        else:
+            parts += [flag, shlex.quote(format_default(value))]
+    return " ".join(parts)
+
+
+def resume_command(run_dir: Path, overrides: dict[str, Any] | None = None) -> str:
+    """The exact command that continues ``run_dir`` (with the options given to this resumed run)."""
+    extra = format_options({k: v for k, v in (overrides or {}).items() if k != "run_dir"})
+    return f"denoise-gym train --resume {shlex.quote(str(run_dir))}" + (f" {extra}" if extra else "")
+
+
+def print_outputs(run_dir: Path, *, file=None) -> None:
+    """Where a run's outputs are (the files that exist)."""
+    file = file or sys.stdout
+    entries = [
+        ("samples before training", "grid_before.png"), ("samples after training", "grid_after.png"),
+        ("their prompts and seed", "grid_after.json"), ("reward curve", "reward_curve.png"),
+        ("metrics (one JSON line per epoch)", "metrics.jsonl"), ("checkpoints", "checkpoints"),
+    ]  # fmt: skip
+    print(f"outputs in {run_dir}/:", file=file)
+    for label, name in entries:
+        if (run_dir / name).exists():
+            print(f"  {label + ':':36} {run_dir / name}", file=file)
+    if (run_dir / "tb").exists():
+        print(f"  {'TensorBoard:':36} tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", file=file)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from agents.progress import INTERRUPTED, describe_stop, finished_reason
     from agents.trainer import Trainer
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                 if getattr(args, f.name, None) is not None and f.name not in ("env_id", "algo")}  # fmt: skip
+    overrides = given_options(args, CONFIG_FIELDS)
+    if args.from_checkpoint and not args.resume:
+        raise ValueError(f"--from-checkpoint {args.from_checkpoint}: expected it together with --resume RUN_DIR")
     if args.resume:
+        fixed = [k for k in ("env_id", "algo") if k in overrides]
+        if fixed:
+            raise ValueError(f"--resume continues the run's own {' and '.join(fixed)}; expected no "
+                             f"{' / '.join('--env' if k == 'env_id' else '--algo' for k in fixed)} (start a new run "
+                             "for another)")  # fmt: skip
         cfg = _load_run_config(args.resume).replace(**overrides)
-        trainer = Trainer(cfg, resume=True)
+        trainer = Trainer(cfg, resume=True, checkpoint=args.from_checkpoint)
+        done = finished_reason(cfg, trainer.epoch, trainer.reward_queries)
+        if done is not None:
+            print(f"{args.resume} is finished: "
+                  f"{describe_stop(done, cfg, trainer.epoch, trainer.reward_queries).removeprefix('stopped: ')}. "
+                  "To train further, resume it with a higher limit, e.g.:\n  "
+                  + resume_command(trainer.run_dir, {**overrides, **_extend(cfg, done)}))  # fmt: skip
+            print_outputs(trainer.run_dir)
+            return 0
     else:
-        if not args.env or not args.algo:
-            raise SystemExit("error: train needs --env and --algo (or --resume RUN_DIR)")
-        cfg = preset_config(args.preset, args.algo, env_id=args.env, **overrides) if args.preset else TrainConfig(
-            env_id=args.env, algo=args.algo, **overrides
-        )
+        algo = overrides.get("algo", TrainConfig.algo)
+        cfg = preset_config(args.preset, algo, **overrides) if args.preset else TrainConfig(**overrides)
         trainer = Trainer(cfg)
     args.locked_run_dir = str(trainer.run_dir)  # for the advice of a failure message
-    history = trainer.train()
+    hint = resume_command(trainer.run_dir, overrides if args.resume else None)
+    try:
+        history = trainer.train()
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, mid-epoch
+        has_ckpt = (trainer.ckpt_dir / "latest").exists()
+        print(f"\nstopped at once (second Ctrl-C) during epoch {trainer.epoch + 1}; "
+              + (f"the last complete checkpoint is intact. Resume with:\n  {hint}" if has_ckpt
+                 else "no checkpoint was saved yet: start it again with the same command"), file=sys.stderr)  # fmt: skip
+        return 130
     last = history[-1] if history else {}
-    if trainer.dist.is_main:  # under torchrun / accelerate launch: one summary line, not one per process
-        print(json.dumps({"run_dir": str(trainer.run_dir), "epochs": trainer.epoch,
-                          "reward_mean": last.get("charts/reward_mean")}))  # fmt: skip
+    if not trainer.dist.is_main:
+        return 130 if trainer.stop_reason == INTERRUPTED else 0
+    # one summary line (under torchrun / accelerate launch: from the main process only)
+    print(json.dumps({"run_dir": str(trainer.run_dir), "epochs": trainer.epoch,
+                      "reward_mean": last.get("charts/reward_mean"), "stopped_by": trainer.stop_reason}))  # fmt: skip
+    print(describe_stop(trainer.stop_reason, trainer.cfg, trainer.epoch, trainer.reward_queries, trainer.last_epoch_s))
+    print_outputs(trainer.run_dir)
     from agents.distributed import shutdown
 
     shutdown()
+    if trainer.stop_reason == INTERRUPTED:
+        if (trainer.ckpt_dir / "latest").exists():
+            print(f"checkpoint of epoch {trainer.epoch} saved. Resume with:\n  {hint}")
+        else:
+            print("no epoch finished, so there is nothing to resume: start it again with the same command")
+        return 130
     return 0
+
+
+def _extend(cfg: TrainConfig, reason: str) -> dict[str, Any]:
+    flag, value = (("reward_query_budget", 2 * cfg.reward_query_budget) if reason == "reward_query_budget"
+                   else ("num_epochs", 2 * cfg.num_epochs))  # fmt: skip
+    return {flag: value}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -103,12 +153,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or Path(args.run) / "eval.json")
     out.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: (v["reward_mean"] if isinstance(v, dict) else v) for k, v in result.items()}))
-    print(f"wrote {out}")
+    print(f"wrote {out} (rewards, prompts and seed of every sample)")
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from agents.trainer import Trainer, image_grid, save_png
+    from agents.plots import save_labelled_grid
+    from agents.trainer import Trainer
 
     if args.run:
         trainer = Trainer(_load_run_config(args.run).replace(progress=False), resume=True)
@@ -120,35 +171,80 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("error: sample needs --run RUN_DIR or --env ID")
     prompts = args.prompt or trainer.eval_prompts()
     images = trainer.sample_images(list(prompts), seed=args.seed)
-    save_png(image_grid(images, nrow=len(prompts)), Path(args.out), scale=args.scale)
-    print(f"wrote {args.out}")
+    png, js = save_labelled_grid(Path(args.out), images, list(prompts), seed=args.seed, scale=args.scale,
+                                 title=f"{args.run or args.env}, epoch {trainer.epoch}")  # fmt: skip
+    print(f"wrote {png} (prompts and seed: {js})")
     return 0
 
 
+def _listing(title: str, rows: list[tuple[str, str]]) -> str:
+    width = max((len(name) for name, _ in rows), default=0)
+    return title + "\n" + "\n".join(f"  {name:{width}}  {text}" for name, text in rows)
+
+
+def registered_listing() -> str:
+    """The registered algorithms and environments, one line each (the train command's epilog)."""
+    import gymnasium as gym
+
+    import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
+    from agents.registry import describe_algo, registered_algos
+    from diffusion_env.registration import describe_env
+
+    algos = [(a, describe_algo(a)) for a in registered_algos()]
+    envs = [(e, describe_env(e)) for e in sorted(gym.registry) if e.startswith("Denoise-")]
+    return _listing("algorithms (--algo):", algos) + "\n\n" + _listing("environments (--env):", envs)
+
+
+TRAIN_DESCRIPTION = """Train a policy on a registered environment with a registered algorithm.
+
+Options not given take the default shown (TrainConfig, agents/config.py), or with --preset the preset's
+value for --algo. Ctrl-C stops after the current epoch's checkpoint and prints the command that resumes
+the run; a second Ctrl-C stops at once."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="denoise-gym", description=__doc__.split("\n")[0])
+    from agents.registry import registered_algos
+
+    parser = OneLineParser(prog="denoise-gym", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure (any position)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a policy")
-    p.add_argument("--env", dest="env")
-    p.add_argument("--algo", dest="algo")
-    p.add_argument("--preset", choices=["tiny", "sd14"])
-    p.add_argument("--resume", metavar="RUN_DIR")
-    _add_config_options(p)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,sample}")
+    p = sub.add_parser("train", help="train a policy", description=TRAIN_DESCRIPTION,
+                       epilog=registered_listing(), formatter_class=HelpFormatter)  # fmt: skip
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a preset for --algo: 'tiny' (the embedded tiny model on a CPU) or 'sd14' "
+                        "(DDPO appendix A.6, a GPU); the options given override it (default: none)")  # fmt: skip
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its latest checkpoint; options given change its "
+                        "settings, e.g. --num-epochs to train further (default: start a new run)")  # fmt: skip
+    p.add_argument("--from-checkpoint", metavar="NAME",
+                   help="with --resume: continue from this checkpoint folder of RUN_DIR/checkpoints, e.g. "
+                        "ckpt-0003 (default: the one checkpoints/latest names)")  # fmt: skip
+    add_dataclass_options(p, TrainConfig, choices={"algo": registered_algos()}, flags={"env_id": "--env"},
+                          notes={"env_id": "The registered IDs are listed below.",
+                                 "algo": "Each is described below."})  # fmt: skip
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="reward of a run's checkpoint on training and held-out prompts")
-    p.add_argument("--run", required=True)
-    p.add_argument("--num-samples", type=int, default=64)
-    p.add_argument("--seed", type=int, default=10_000)
-    p.add_argument("--out")
+    p = sub.add_parser("eval", help="reward of a run's checkpoint on training and held-out prompts",
+                       description="Mean reward of a run's latest checkpoint at fixed seeds, on the training "
+                                   "prompts and on the held-out prompt set.", formatter_class=HelpFormatter)  # fmt: skip
+    p.add_argument("--run", required=True, metavar="RUN_DIR", help="the run directory to evaluate (required)")
+    p.add_argument("--num-samples", type=int, default=64, metavar="INT",
+                   help="samples per prompt split (default: 64)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=10_000, metavar="INT",
+                   help="seed of the evaluation samples; the same for every run (default: 10000)")  # fmt: skip
+    p.add_argument("--out", metavar="PATH", help="where the JSON goes (default: RUN_DIR/eval.json)")
     p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("sample", help="an image grid for given prompts")
-    p.add_argument("--run")
-    p.add_argument("--env")
-    p.add_argument("--prompt", action="append")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--scale", type=int, default=4)
-    p.add_argument("--out", default="samples.png")
+    p = sub.add_parser("sample", help="an image grid for given prompts",
+                       description="Sample one image per prompt and save them as a grid labelled with the "
+                                   "prompts and the seed, plus a JSON of both.", formatter_class=HelpFormatter)  # fmt: skip
+    p.add_argument("--run", metavar="RUN_DIR", help="sample from this run's latest checkpoint")
+    p.add_argument("--env", metavar="ID", help="or: sample from this environment's base model")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt; repeat for several (default: the run's evaluation prompts)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1234, metavar="INT", help="sampling seed (default: 1234)")
+    p.add_argument("--scale", type=int, default=4, metavar="INT",
+                   help="pixel magnification of the images (default: 4)")  # fmt: skip
+    p.add_argument("--out", default="samples.png", metavar="PATH",
+                   help="the PNG; its prompts go next to it as .json (default: samples.png)")  # fmt: skip
     p.set_defaults(func=cmd_sample)
     return parser
 

@@ -37,6 +37,22 @@ def _type_errors(cfg: TrainConfig) -> list[str]:
     return errors
 
 
+def _doc(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """A dataclass field with its documentation (and allowed values) in ``metadata``.
+
+    Mutable defaults (dicts, lists) become a ``default_factory`` that returns a fresh copy.
+    """
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_help(name: str) -> str:
+    """The documentation of the :class:`TrainConfig` field ``name``."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}[name]
+
+
 def _largest_divisor(n: int, at_most: int) -> int:
     """The largest divisor of ``n`` that is <= ``at_most`` (pairs d, n/d up to √n; bounded work for huge n)."""
     best, d = 1, 1
@@ -49,108 +65,163 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 @dataclass
 class TrainConfig:
-    """Every setting of a run. Field docstrings are the comments above each field."""
+    """Every setting of a run. Each field's documentation is its ``metadata["help"]`` (see :func:`_doc`):
+    the command line's help (agents/cli.py) is generated from it, so this class stays the one source."""
 
-    # Registered environment ID (``gym.make_vec`` is called with it).
-    env_id: str = "Denoise-Tiny-Compressibility-v0"
-    # Algorithm: one of ddpo-is, ddpo-sf, rwr, rwr-sparse (or one registered with agents.register_algo).
-    algo: str = "ddpo-is"
-    # Master seed: environment seeds, sampling noise and minibatch shuffles all derive from it per epoch.
-    seed: int = 0
-    # Number of epochs (collect → update); the run stops earlier if reward_query_budget is reached.
-    num_epochs: int = 32
-    # Stop once this many rewards have been queried (0: no budget, run num_epochs).
-    reward_query_budget: int = 0
-    # Trajectories collected per epoch (= reward queries per epoch). Multiple of sample_batch_size.
-    samples_per_epoch: int = 64
-    # Lockstep trajectories per environment episode (the env's num_envs).
-    sample_batch_size: int = 64
-    # Trajectories per drawn prompt in a sample batch (1: every trajectory draws its own prompt). Groups
-    # of repeated prompts give per-prompt statistics and RWR's per-prompt weights something to compare.
-    samples_per_prompt: int = 1
-    # Samples whose (sample, timestep) pairs make one optimizer step. Divides samples_per_epoch.
-    train_batch_size: int = 64
-    # (sample, timestep) pairs per forward/backward call (memory bound); gradients accumulate over calls.
-    micro_batch_size: int = 256
-    # Passes over the epoch's samples (DDPO-IS: several PPO passes; DDPO-SF must be 1).
-    num_inner_epochs: int = 1
-    # Fraction of each trajectory's timesteps trained on (0 < f <= 1).
-    timestep_fraction: float = 1.0
-    # AdamW learning rate.
-    learning_rate: float = 1e-5
-    # AdamW β1.
-    adam_beta1: float = 0.9
-    # AdamW β2.
-    adam_beta2: float = 0.999
-    # AdamW weight decay (appendix A.6: 1e-4).
-    adam_weight_decay: float = 1e-4
-    # AdamW ε.
-    adam_epsilon: float = 1e-8
-    # Gradient clipping by global norm.
-    max_grad_norm: float = 1.0
-    # PPO clip range ε of DDPO-IS (appendix A.1: 1e-4, tuned for mean-reduced log-probs).
-    clip_range: float = 1e-4
-    # Advantages are clipped to ±adv_clip_max.
-    adv_clip_max: float = 5.0
-    # Per-prompt reward buffer length (0: normalise by batch statistics only).
-    per_prompt_buffer_size: int = 32
-    # Rewards a prompt needs before its own statistics replace the batch's.
-    per_prompt_min_count: int = 16
-    # RWR inverse temperature β of the per-prompt softmax weights, in the reward's units (appendix A.6: 0.2 for
-    # SD v1.4's tasks; the tiny presets set it per task so that β × the base model's reward spread is about 1).
-    rwr_beta: float = 0.2
-    # RWR weights: softmax of β × "reward" per prompt (appendix A.2/A.3), or of β × the normalised, clipped
-    # "advantage" (an ablation; the weighting before the model seam).
-    rwr_weighting: str = "reward"
-    # RWR and RWR-sparse regress the classifier-free-guided prediction at the run's guidance scale (CFG
-    # training, appendix B.1); False: the conditional prediction only (an ablation, Figure 8).
-    rwr_cfg_training: bool = True
-    # RWR-sparse keeps samples at or above this per-prompt quantile (0.9: bottom 90% dropped).
-    rwr_sparse_quantile: float = 0.9
-    # RWR optimizer steps per epoch (each on train_batch_size samples, one random timestep each).
-    rwr_updates_per_epoch: int = 8
-    # LoRA rank (None: full fine-tuning of the network).
-    lora_rank: int | None = None
-    # Log-density reduction over latent dimensions: mean (reference convention) or sum (exact).
-    log_prob_reduction: str = "mean"
-    # Classifier-free guidance weight (None: the env's).
-    guidance_scale: float | None = None
-    # The sampler's stochasticity, DDIM η for SD v1 (None: the env's; must be > 0).
-    eta: float | None = None
-    # Denoising steps per episode (None: the env's).
-    num_steps: int | None = None
-    # Extra keyword arguments for gym.make_vec (model path, prompts, reward_kwargs, …).
-    env_kwargs: dict[str, Any] = field(default_factory=dict)
-    # Torch device.
-    device: str = "cpu"
-    # Speed: network weights and inputs in channels-last memory format (oneDNN / tensor-core convolutions).
-    channels_last: bool = False
-    # Speed: torch.autocast dtype of network calls in sampling and training: None (fp32), "bf16" or "fp16".
-    autocast_dtype: str | None = None
-    # Speed: call the policy's network through torch.compile (each batch shape compiles once, in the first epoch).
-    compile_network: bool = False
-    # Speed: attention kernels of the network: "sdpa" (fused scaled_dot_product_attention; long sequences, GPUs)
-    # or "math" (matmuls + softmax; faster on CPUs for short sequences, and under bf16 autocast).
-    attention: str = "sdpa"
-    # DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced precision).
-    recompute_old_log_probs: bool = False
-    # Compute each batch's rewards in a worker thread while the next batch is sampled.
-    async_rewards: bool = False
-    # Save a checkpoint every this many epochs (and at the end).
-    save_every: int = 1
-    # Write evaluation sample grids every this many epochs (0: only before and after).
-    grid_every: int = 0
-    # Number of fixed evaluation prompts in the grids.
-    num_eval_prompts: int = 8
-    # Where runs are written (a run directory is created below it unless run_dir is set).
-    output_dir: str = "runs"
-    # Explicit run directory (default: output_dir/<env>-<algo>-s<seed>).
-    run_dir: str | None = None
-    # Show progress bars.
-    progress: bool = True
-    # Training time limit in seconds (0: none): no epoch starts that the last epoch's duration says would
-    # end past it (the first epoch always runs).
-    time_limit_s: float = 0.0
+    env_id: str = _doc(
+        "Denoise-Tiny-Compressibility-v0",
+        "Registered environment ID (``gym.make_vec`` is called with it).",
+    )
+    algo: str = _doc(
+        "ddpo-is",
+        "Algorithm: one of ddpo-is, ddpo-sf, rwr, rwr-sparse (or one registered with "
+        "agents.register_algo).",
+    )
+    seed: int = _doc(
+        0,
+        "Master seed: environment seeds, sampling noise and minibatch shuffles all derive from it per "
+        "epoch.",
+    )
+    num_epochs: int = _doc(
+        32,
+        "Number of epochs (collect → update); the run stops earlier if reward_query_budget is reached.",
+    )
+    reward_query_budget: int = _doc(
+        0,
+        "Stop once this many rewards have been queried (0: no budget, run num_epochs).",
+    )
+    samples_per_epoch: int = _doc(
+        64,
+        "Trajectories collected per epoch (= reward queries per epoch). Multiple of sample_batch_size.",
+    )
+    sample_batch_size: int = _doc(64, "Lockstep trajectories per environment episode (the env's num_envs).")
+    samples_per_prompt: int = _doc(
+        1,
+        "Trajectories per drawn prompt in a sample batch (1: every trajectory draws its own prompt). "
+        "Groups of repeated prompts give per-prompt statistics and RWR's per-prompt weights something "
+        "to compare.",
+    )
+    train_batch_size: int = _doc(
+        64,
+        "Samples whose (sample, timestep) pairs make one optimizer step. Divides samples_per_epoch.",
+    )
+    micro_batch_size: int = _doc(
+        256,
+        "(sample, timestep) pairs per forward/backward call (memory bound); gradients accumulate over "
+        "calls.",
+    )
+    num_inner_epochs: int = _doc(
+        1,
+        "Passes over the epoch's samples (DDPO-IS: several PPO passes; DDPO-SF must be 1).",
+    )
+    timestep_fraction: float = _doc(1.0, "Fraction of each trajectory's timesteps trained on (0 < f <= 1).")
+    learning_rate: float = _doc(1e-5, "AdamW learning rate.")
+    adam_beta1: float = _doc(0.9, "AdamW β1.")
+    adam_beta2: float = _doc(0.999, "AdamW β2.")
+    adam_weight_decay: float = _doc(1e-4, "AdamW weight decay (appendix A.6: 1e-4).")
+    adam_epsilon: float = _doc(1e-8, "AdamW ε.")
+    max_grad_norm: float = _doc(1.0, "Gradient clipping by global norm.")
+    clip_range: float = _doc(
+        1e-4,
+        "PPO clip range ε of DDPO-IS (appendix A.1: 1e-4, tuned for mean-reduced log-probs).",
+    )
+    adv_clip_max: float = _doc(5.0, "Advantages are clipped to ±adv_clip_max.")
+    per_prompt_buffer_size: int = _doc(
+        32,
+        "Per-prompt reward buffer length (0: normalise by batch statistics only).",
+    )
+    per_prompt_min_count: int = _doc(
+        16,
+        "Rewards a prompt needs before its own statistics replace the batch's.",
+    )
+    rwr_beta: float = _doc(
+        0.2,
+        "RWR inverse temperature β of the per-prompt softmax weights, in the reward's units (appendix A.6: 0.2 "
+        "for SD v1.4's tasks; the tiny presets set it per task so that β × the base model's reward spread is "
+        "about 1).",
+    )
+    rwr_weighting: str = _doc(
+        "reward",
+        "RWR weights: softmax of β × \"reward\" per prompt (appendix A.2/A.3), or of β × the normalised, "
+        "clipped \"advantage\" (an ablation; the weighting before the model seam).",
+        choices=("reward", "advantage"),
+    )
+    rwr_cfg_training: bool = _doc(
+        True,
+        "RWR and RWR-sparse regress the classifier-free-guided prediction at the run's guidance scale (CFG "
+        "training, appendix B.1); off: the conditional prediction only (an ablation, Figure 8).",
+    )
+    rwr_sparse_quantile: float = _doc(
+        0.9,
+        "RWR-sparse keeps samples at or above this per-prompt quantile (0.9: bottom 90% dropped).",
+    )
+    rwr_updates_per_epoch: int = _doc(
+        8,
+        "RWR optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
+    )
+    lora_rank: int | None = _doc(None, "LoRA rank (None: full fine-tuning of the network).")
+    log_prob_reduction: str = _doc(
+        "mean",
+        "Log-density reduction over latent dimensions: mean (reference convention) or sum (exact).",
+        choices=("mean", "sum"),
+    )
+    guidance_scale: float | None = _doc(None, "Classifier-free guidance weight (None: the env's).")
+    eta: float | None = _doc(None, "The sampler's stochasticity, DDIM η for SD v1 (None: the env's; must be > 0).")
+    num_steps: int | None = _doc(None, "Denoising steps per episode (None: the env's).")
+    env_kwargs: dict[str, Any] = _doc(
+        {},
+        "Extra keyword arguments for gym.make_vec (model path, prompts, reward_kwargs, …).",
+    )
+    device: str = _doc("cpu", "Torch device.")
+    channels_last: bool = _doc(
+        False,
+        "Speed: network weights and inputs in channels-last memory format (oneDNN / tensor-core "
+        "convolutions).",
+    )
+    autocast_dtype: str | None = _doc(
+        None,
+        "Speed: torch.autocast dtype of network calls in sampling and training: None (fp32), \"bf16\" or "
+        "\"fp16\".",
+        choices=(None, "bf16", "fp16"),
+    )
+    compile_network: bool = _doc(
+        False,
+        "Speed: call the policy's network through torch.compile (each batch shape compiles once, in the first "
+        "epoch).",
+    )
+    attention: str = _doc(
+        "sdpa",
+        "Speed: attention kernels of the network: \"sdpa\" (fused scaled_dot_product_attention; long "
+        "sequences, GPUs) or \"math\" (matmuls + softmax; faster on CPUs for short sequences, and under "
+        "bf16 autocast).",
+        choices=ATTENTION_IMPLS,
+    )
+    recompute_old_log_probs: bool = _doc(
+        False,
+        "DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced "
+        "precision).",
+    )
+    async_rewards: bool = _doc(
+        False,
+        "Compute each batch's rewards in a worker thread while the next batch is sampled.",
+    )
+    save_every: int = _doc(1, "Save a checkpoint every this many epochs (and at the end).")
+    grid_every: int = _doc(
+        0,
+        "Write evaluation sample grids every this many epochs (0: only before and after).",
+    )
+    num_eval_prompts: int = _doc(8, "Number of fixed evaluation prompts in the grids.")
+    output_dir: str = _doc(
+        "runs",
+        "Where runs are written (a run directory is created below it unless run_dir is set).",
+    )
+    run_dir: str | None = _doc(None, "Explicit run directory (none: output_dir/<env>-<algo>-s<seed>).")
+    progress: bool = _doc(True, "Show progress bars.")
+    time_limit_s: float = _doc(
+        0.0,
+        "Training time limit in seconds (0: none): no epoch starts that the last epoch's duration says "
+        "would end past it (the first epoch always runs).",
+    )
 
     def validate(self) -> TrainConfig:
         """Refuse settings that make no sense, with a message that says how to fix them."""

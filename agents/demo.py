@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from agents.config import preset_config
 from agents.evaluate import evaluate_policy
+from agents.progress import describe_stop
 from agents.trainer import Trainer
 from diffusion_env import TINY_MODEL_PATH
 
@@ -57,20 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     trainer = Trainer(cfg)
     base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
-    trainer.train()
+    try:
+        trainer.train()  # Ctrl-C: stops after the current epoch, then evaluates what it has
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print(f"\ndemo stopped at once; what it wrote is in {run_dir}", file=sys.stderr)
+        return 130
     after = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     d = (after["reward_mean"] - base["reward_mean"]) / max(base["reward_std"], 1e-9)
     summary = {
         "env": ENV_ID, "algo": "ddpo-is", "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,
+        "stopped_by": trainer.stop_reason,
         "eval_reward_before": base["reward_mean"], "eval_reward_after": after["reward_mean"],
         "improvement_in_base_std": d, "minutes": (time.perf_counter() - start) / 60,
     }  # fmt: skip
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
-    print(f"\nsamples before training: {run_dir / 'grid_before.png'}")
-    print(f"samples after training:  {run_dir / 'grid_after.png'}")
+    print(describe_stop(trainer.stop_reason, cfg, trainer.epoch, trainer.reward_queries, trainer.last_epoch_s))
+    print(f"eval reward (−JPEG kB of 64 samples at fixed seeds, higher = smaller files): "
+          f"{base['reward_mean']:.4f} before, {after['reward_mean']:.4f} after training")
+    print(f"improvement_in_base_std = (after − before) / std of the base model's rewards = {d:.2f}: how many of the "
+          "base model's standard deviations the mean reward moved (0: no change)")  # fmt: skip
+    print(f"\nsamples before training: {run_dir / 'grid_before.png'}   (prompts and seed: grid_before.json)")
+    print(f"samples after training:  {run_dir / 'grid_after.png'}   (prompts and seed: grid_after.json)")
     print(f"reward curve:            {run_dir / 'reward_curve.png'}")
     print(f"metrics (JSONL):         {run_dir / 'metrics.jsonl'}   TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    print(f"summary:                 {run_dir / 'demo_summary.json'}")
     return 0
 
 

@@ -91,10 +91,9 @@ def classify(exc: BaseException, run_dir: str | None = None) -> Failure | None:
 
     ``run_dir``: the run directory concerned, when known (used in "resume with ..." advice).
     """
-    from diffusion_env.models import ModelNotFoundError
-
     from agents.rundir import RunDirLockedError
     from agents.trainer import NoCheckpointError
+    from diffusion_env.models import ModelNotFoundError
     from rewards.alignment import RewardServerError
     from rewards.base import MissingModelError
 

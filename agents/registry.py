@@ -39,3 +39,15 @@ def _load_builtin() -> None:
     for name, fn in (("ddpo-is", ddpo_is.update), ("ddpo-sf", ddpo_sf.update),
                      ("rwr", rwr.update), ("rwr-sparse", rwr_sparse.update)):  # fmt: skip
         _ALGOS.setdefault(name, fn)
+
+
+def describe_algo(name: str) -> str:
+    """One line about a registered algorithm: the first line of its update function's docstring, else of its
+    module's docstring (the built-in algorithms document themselves there)."""
+    import sys
+
+    fn = get_algo(name)
+    for doc in (fn.__doc__, getattr(sys.modules.get(fn.__module__), "__doc__", None)):
+        if doc and doc.strip():
+            return doc.strip().splitlines()[0]
+    return "(no description: give its update function a docstring)"

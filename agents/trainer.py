@@ -41,14 +41,24 @@ import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents import distributed
 from agents.config import TrainConfig, compatibility_warnings
 from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
+from agents.plots import plot_reward_curve, reward_label, save_labelled_grid, write_tb_hparams, write_tb_image
 from agents.policy import GaussianDenoisingPolicy
+from agents.progress import (
+    INTERRUPTED,
+    TIME_LIMIT,
+    GracefulInterrupt,
+    epochs_within_time,
+    finished_reason,
+    planned_epochs,
+)
 from agents.registry import get_algo
-from agents.rundir import lock_run_dir
+from agents.rundir import LOCK_NAME, lock_run_dir
 from agents.runtime import retain_freed_memory
 from rewards.base import check_options
 from rewards.secrets import redact
 
 CHECKPOINT_KEEP = 2
+GRID_SEED = 1234  # seed of the evaluation grids (the same before, during and after training)
 
 
 def derive_seed(*parts: int) -> int:
@@ -127,7 +137,10 @@ def save_png(array: np.ndarray, path: Path, scale: int = 1) -> None:
 class Trainer:
     """Trains a :class:`GaussianDenoisingPolicy` on a registered env with one of the registered algorithms."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, checkpoint: str | None = None):
+        """``resume``: continue from the checkpoint ``checkpoints/latest`` names, or from ``checkpoint``
+        (a folder name such as ``ckpt-0003``). A failed start (unknown env, missing weights) leaves no run
+        directory behind: one this trainer created holds only its lock until the env and the policy loaded."""
         self.cfg = cfg.validate()
         if torch.device(cfg.device).type == "cpu":
             retain_freed_memory()  # no page faults for every micro-batch's activations (agents/runtime.py)
@@ -138,20 +151,25 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._writer = None
         # One process per run directory for the trainer's whole life (agents/rundir.py); released by close().
+        existed = self.run_dir.exists()
         lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
         self._release_lock = weakref.finalize(self, lock.release) if lock is not None else (lambda: None)
         try:
-            self._setup(cfg, resume)
+            self._setup(cfg, resume, checkpoint)
         except BaseException:
             self._release_lock()
+            if not existed and self.dist.is_main:  # a failed start leaves no run directory behind
+                leftovers = [p for p in self.run_dir.iterdir() if p.name != LOCK_NAME] if self.run_dir.exists() else []
+                if not leftovers:
+                    shutil.rmtree(self.run_dir, ignore_errors=True)
             raise
 
-    def _setup(self, cfg: TrainConfig, resume: bool) -> None:
+    def _setup(self, cfg: TrainConfig, resume: bool, checkpoint: str | None) -> None:
         if not resume and (self.ckpt_dir / "latest").exists():
             raise ValueError(
                 f"{self.run_dir} already holds a run; resume it (--resume {self.run_dir}) or choose another run_dir"
             )
-        if resume and not (self.ckpt_dir / "latest").exists():  # said before loading anything heavy
+        if resume and checkpoint is None and not (self.ckpt_dir / "latest").exists():  # said before loading anything heavy
             raise NoCheckpointError(
                 f"{self.run_dir} has no checkpoint to resume (no {self.ckpt_dir / 'latest'}: the run stopped before "
                 f"its first checkpoint); start it afresh with the same settings, e.g. `denoise-gym train --env "
@@ -170,8 +188,12 @@ class Trainer:
         self.epoch = 0
         self.reward_queries = 0
         self.history: list[dict[str, Any]] = []
+        self.stop_reason: str | None = None  # which limit ended train() (agents.progress)
+        self.last_epoch_s = 0.0
+        self._saved_epoch = -1
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            self._load_checkpoint()
+            self._load_checkpoint(checkpoint)
         elif self.dist.is_main:
             _atomic_write_text(self.run_dir / "config.json", config_json(cfg))
             metrics = self.run_dir / "metrics.jsonl"
@@ -185,9 +207,10 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        env = getattr(self, "env", None)
-        if env is not None:
-            env.close()
+        for name in ("env", "_grid_env"):
+            env = getattr(self, name, None)
+            if env is not None:
+                env.close()
         self._release_lock()
 
     def __enter__(self) -> Trainer:
@@ -216,31 +239,52 @@ class Trainer:
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> list[dict[str, Any]]:
-        cfg = self.cfg
-        if self.epoch == 0 and not (self.run_dir / "grid_before.png").exists():
-            self.write_grid(self.run_dir / "grid_before.png")
-        progress = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
+        """Train until a limit is reached (:attr:`stop_reason` says which, see :mod:`agents.progress`).
 
-            progress = tqdm(total=cfg.num_epochs, initial=self.epoch, desc=f"{cfg.algo} {cfg.env_id}", unit="epoch")
-        started, last_epoch_s = time.perf_counter(), 0.0
-        while self.epoch < cfg.num_epochs:
-            if cfg.reward_query_budget and self.reward_queries >= cfg.reward_query_budget:
-                break
-            # Stop before an epoch that would end past the limit (judged by the last epoch's duration).
-            if cfg.time_limit_s and self.dist.any(time.perf_counter() - started + last_epoch_s > cfg.time_limit_s):
-                break
-            epoch_start = time.perf_counter()
-            metrics = self.train_epoch()
-            last_epoch_s = time.perf_counter() - epoch_start
+        The first Ctrl-C stops after the current epoch, with that epoch's checkpoint saved; a second one
+        raises ``KeyboardInterrupt`` at once (the last complete checkpoint stays intact).
+        """
+        cfg = self.cfg
+        planned, self.stop_reason = planned_epochs(cfg)
+        progress = None
+        with GracefulInterrupt() as interrupt:
+            if self.epoch == 0 and not (self.run_dir / "grid_before.png").exists():
+                self.write_grid(self.run_dir / "grid_before.png")
+            if cfg.progress:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=planned, initial=min(self.epoch, planned), desc=f"{cfg.algo} {cfg.env_id}",
+                                unit="epoch")  # fmt: skip
+            started, self.last_epoch_s = time.perf_counter(), 0.0
+            while True:
+                reason = finished_reason(cfg, self.epoch, self.reward_queries)
+                if reason is None and self.dist.any(interrupt.requested):
+                    reason = INTERRUPTED
+                # Stop before an epoch that would end past the limit (judged by the last epoch's duration).
+                if reason is None and cfg.time_limit_s and self.dist.any(
+                    time.perf_counter() - started + self.last_epoch_s > cfg.time_limit_s
+                ):
+                    reason = TIME_LIMIT
+                if reason is not None:
+                    break
+                epoch_start = time.perf_counter()
+                metrics = self.train_epoch()
+                self.last_epoch_s = time.perf_counter() - epoch_start
+                if self.dist.any(interrupt.requested) and self._saved_epoch != self.epoch:
+                    self.dist.on_main(self.save_checkpoint)  # stop with this epoch's work kept
+                    self._saved_epoch = self.epoch
+                if progress is not None:
+                    if cfg.time_limit_s:  # the bar's total follows the limit that will stop the run
+                        more = epochs_within_time(cfg.time_limit_s, time.perf_counter() - started, self.last_epoch_s)
+                        progress.total = min(planned, self.epoch + more)
+                    progress.update(1)
+                    progress.set_postfix(reward=f"{metrics['charts/reward_mean']:.3g}")
+            self.stop_reason = reason
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(reward=f"{metrics['charts/reward_mean']:.3g}")
-        if progress is not None:
-            progress.close()
-        self.write_grid(self.run_dir / "grid_after.png")
-        self.plot_reward_curve()
+                progress.close()
+            if reason != INTERRUPTED:  # a stopped run gets its after-grid when it finishes
+                self.write_grid(self.run_dir / "grid_after.png")
+            self.plot_reward_curve()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -282,6 +326,7 @@ class Trainer:
         )
         if self.epoch % cfg.save_every == 0 or last:
             self.dist.on_main(self.save_checkpoint)
+            self._saved_epoch = self.epoch
         return metrics
 
     # ------------------------------------------------------------------ logging
@@ -292,10 +337,7 @@ class Trainer:
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         try:
-            if self._writer is None:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            self.tb_writer()
             step = metrics["charts/reward_queries"]
             for k, v in metrics.items():
                 if k != "epoch" and isinstance(v, (int, float)):
@@ -308,6 +350,16 @@ class Trainer:
         means = self.tracker.prompt_means()
         if means:
             _atomic_write_text(self.run_dir / "prompt_means.json", json.dumps(means, indent=1))
+
+    def tb_writer(self):
+        """The run's TensorBoard writer (created with the run's hyperparameters on first use); raises
+        ImportError without tensorboard."""
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            write_tb_hparams(self._writer, self.cfg.to_dict())
+        return self._writer
 
     def eval_prompts(self) -> list[str]:
         prompts = self.env.prompts
@@ -330,35 +382,22 @@ class Trainer:
         if not self.dist.is_main:
             return
         prompts = self.eval_prompts()
-        save_png(image_grid(self.sample_images(prompts), nrow=len(prompts)), path, scale=4)
+        # The prompt under each image, the seed below; prompts and seed also in <grid>.json.
+        png, _ = save_labelled_grid(path, self.sample_images(prompts, seed=GRID_SEED), prompts, seed=GRID_SEED,
+                                    title=f"{self.cfg.env_id} · {self.cfg.algo} · after epoch {self.epoch}",
+                                    extra={"epoch": self.epoch})  # fmt: skip
+        try:
+            write_tb_image(self.tb_writer(), "samples/eval_grid", png, self.reward_queries)
+        except ImportError:
+            pass
 
     def plot_reward_curve(self) -> None:
         if not self.dist.is_main:
             return
         path = self.run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-        if not rows:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x = [r["charts/reward_queries"] for r in rows]
-        y = np.array([r["charts/reward_mean"] for r in rows])
-        s = np.array([r["charts/reward_std"] for r in rows])
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(x, y, label=self.cfg.algo)
-        ax.fill_between(x, y - s, y + s, alpha=0.2)
-        ax.set_xlabel("reward queries")
-        ax.set_ylabel("reward")
-        ax.set_title(self.cfg.env_id)
-        ax.legend()
-        fig.tight_layout()
-        tmp = self.run_dir / f".reward_curve.{os.getpid()}.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.run_dir / "reward_curve.png")
+        plot_reward_curve(rows, self.run_dir / "reward_curve.png", title=self.cfg.env_id, label=self.cfg.algo,
+                          ylabel=reward_label(self.env.reward_fn))  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -392,15 +431,19 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self, checkpoint: str | None = None) -> None:
         latest = self.ckpt_dir / "latest"
-        if not latest.exists():
+        if checkpoint is None and not latest.exists():
             raise NoCheckpointError(f"{self.run_dir} has no checkpoint to resume (no {latest}); expected the run "
                              "directory of a run that saved a checkpoint")
-        name = latest.read_text(errors="replace").strip()
+        name = checkpoint if checkpoint is not None else latest.read_text(errors="replace").strip()
+        source = f"--from-checkpoint {name!r}" if checkpoint is not None else f"{latest} names {name[:80]!r}"
         if not re.fullmatch(r"ckpt-\d+", name):
-            raise ValueError(f"{latest} names {name[:80]!r}; expected a checkpoint folder name like 'ckpt-0003'")
+            raise ValueError(f"{source}; expected a checkpoint folder name like 'ckpt-0003'")
         folder = self.ckpt_dir / name
+        if checkpoint is not None and not folder.is_dir():
+            have = sorted(p.name for p in self.ckpt_dir.glob("ckpt-*")) if self.ckpt_dir.is_dir() else []
+            raise ValueError(f"--from-checkpoint {name!r}: no such folder in {self.ckpt_dir}; expected one of {have}")
         try:
             state = json.loads((folder / "state.json").read_text())
             weights = load_file(str(folder / "weights.safetensors"))
@@ -408,7 +451,8 @@ class Trainer:
             epoch, queries = int(state["epoch"]), int(state["reward_queries"])
         except Exception as exc:  # truncated, foreign or missing files
             raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
-                             "expected weights.safetensors, optimizer.safetensors and state.json") from exc  # fmt: skip
+                             "expected weights.safetensors, optimizer.safetensors and state.json"
+                             + intact_checkpoint_hint(self.ckpt_dir, exclude=name, run_dir=self.run_dir)) from exc  # fmt: skip
         try:  # only in-memory state changes here; the run directory is untouched until this succeeded
             load_trainable_weights(self.policy.network, weights)
             _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
@@ -433,9 +477,33 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def readable_checkpoint(folder: Path) -> int | None:
+    """The epoch of a complete, readable checkpoint folder, or None when any of its files is damaged."""
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        load_file(str(folder / "weights.safetensors"))
+        load_file(str(folder / "optimizer.safetensors"))
+        return int(state["epoch"])
+    except Exception:
+        return None
+
+
+def intact_checkpoint_hint(ckpt_dir: Path, *, exclude: str, run_dir: Path) -> str:
+    """``"; the previous checkpoint … is intact: resume from it with …"``, or "" when none is."""
+    import shlex
+
+    for folder in sorted((p for p in ckpt_dir.glob("ckpt-*") if p.name != exclude), reverse=True):
+        epoch = readable_checkpoint(folder)
+        if epoch is not None:
+            return (f". The previous checkpoint {folder.name} (epoch {epoch}) is intact: resume from it with "
+                    f"`denoise-gym train --resume {shlex.quote(str(run_dir))} --from-checkpoint {folder.name}`")
+    return ". No other intact checkpoint is left in " + str(ckpt_dir)
+
+
 def load_trainable_weights(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load a checkpoint's trainable parameters into ``network``; every key must match exactly."""
     params = dict(network.named_parameters())
+
     unknown = [k for k in weights if k not in params]
     if unknown:
         raise ValueError(f"checkpoint has parameters this model lacks (e.g. {unknown[:3]}); "

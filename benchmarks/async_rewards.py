@@ -56,19 +56,36 @@ def run(env_id: str, num_envs: int, batches: int, async_reward: bool, unet=None,
     return {"wall_s": wall, "reward_s": reward_s, "reward_mean": float(rewards.mean()), "unet": policy.network}
 
 
+def explain_hidden_fraction(fraction: float, threads: int) -> str:
+    """One sentence on what a hidden fraction means, including the surprising cases (< 0, > 1)."""
+    if fraction < 0:
+        return (f"hidden fraction {fraction:.2f} < 0: overlap did not pay on this machine. The async run took longer "
+                "than sampling and rewards one after the other, because the reward thread competes with sampling "
+                f"for the same {threads} CPU thread(s) (and adds switching); deferred rewards pay when the reward "
+                "runs elsewhere (a GPU, a remote VLM server) or on otherwise idle cores.")  # fmt: skip
+    if fraction > 1:
+        return (f"hidden fraction {fraction:.2f} > 1: more than the whole reward time vanished, which is timing noise "
+                "(run with more --repeats); read it as fully hidden.")  # fmt: skip
+    return (f"hidden fraction {fraction:.2f}: {fraction:.0%} of the reward time ran behind sampling "
+            "(1: fully hidden, 0: not at all).")
+
+
 def main() -> None:
     import statistics
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--env", default="Denoise-Tiny-PromptAlignment-v0")
-    p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--env-kwargs", type=json.loads, default={})
+    p.add_argument("--env", default="Denoise-Tiny-PromptAlignment-v0",
+                   help="registered env ID (default: Denoise-Tiny-PromptAlignment-v0)")  # fmt: skip
+    p.add_argument("--num-envs", type=int, default=64, help="lockstep trajectories per batch (default: 64)")
+    p.add_argument("--batches", type=int, default=4, help="batches collected per mode (default: 4)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over the three modes; medians reported (default: 2)")
+    p.add_argument("--env-kwargs", type=json.loads, default={}, metavar="JSON",
+                   help="extra gym.make_vec keyword arguments as a JSON object (default: {})")  # fmt: skip
     a = p.parse_args()
     unet, rows = None, {"sample_only": [], "sync": [], "async": []}
-    for _ in range(a.repeats):
+    for i in range(a.repeats):
         for mode in rows:
+            print(f"round {i + 1}/{a.repeats}: {mode} ...", flush=True)
             r = run(a.env, a.num_envs, a.batches, mode == "async", unet=unet, free=mode == "sample_only", **a.env_kwargs)
             unet = r.pop("unet")
             rows[mode].append(r)
@@ -80,6 +97,7 @@ def main() -> None:
                       "T_sample_s": t_sample, "T_reward_s": t_reward, "T_async_s": t_async,
                       "hidden_fraction": (t_sample + t_reward - t_async) / max(t_reward, 1e-9),
                       "torch_threads": torch.get_num_threads()}, indent=1))  # fmt: skip
+    print(explain_hidden_fraction((t_sample + t_reward - t_async) / max(t_reward, 1e-9), torch.get_num_threads()))
 
 
 if __name__ == "__main__":

@@ -81,10 +81,11 @@ def measure(num_envs: int = 64, num_steps: int = 20, episodes: int = 3, model: s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-envs", type=int, default=64)
-    p.add_argument("--num-steps", type=int, default=20)
-    p.add_argument("--episodes", type=int, default=3)
-    p.add_argument("--model", choices=["random-tiny", "tiny-pretrained"], default="random-tiny")
+    p.add_argument("--num-envs", type=int, default=64, help="lockstep trajectories (default: 64)")
+    p.add_argument("--num-steps", type=int, default=20, help="denoising steps per episode (default: 20)")
+    p.add_argument("--episodes", type=int, default=3, help="timed episodes (default: 3)")
+    p.add_argument("--model", choices=["random-tiny", "tiny-pretrained"], default="random-tiny",
+                   help="a random-weight tiny model or the shipped tiny model (default: random-tiny)")  # fmt: skip
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     a = p.parse_args()
     if a.threads:

@@ -36,6 +36,11 @@ from agents.trainer import Trainer
 from benchmarks.rundirs import set_aside_if_stale
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "improvement"
+QUICK_RUNS = RUNS.with_name("improvement-quick")
+FULL = dict(tasks=["Compressibility", "Incompressibility"], algos=["ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"],
+            seeds=[0, 1, 2], budget=2048, eval_samples=64, runs=RUNS)  # fmt: skip
+QUICK = dict(tasks=["Compressibility"], algos=["ddpo-is"], seeds=[0], budget=256, eval_samples=16, runs=QUICK_RUNS)
+TINY_EPOCH_S = 15.0  # one epoch of 64 samples with a tiny preset on a 2-core CPU (agents/config.py)
 
 
 def _task(name: str) -> str:
@@ -44,7 +49,9 @@ def _task(name: str) -> str:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["clip_range=1e-3", ...]`` → typed TrainConfig field values (clear error on a bad one)."""
-    from agents.cli import _parser_for
+    import argparse as _argparse
+
+    from agents.cliargs import value_parser
 
     hints = typing.get_type_hints(TrainConfig)
     out: dict[str, Any] = {}
@@ -55,8 +62,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             fields = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of: {fields}")
         try:
-            out[name] = _parser_for(hints[name])(value)
-        except (ValueError, KeyError, json.JSONDecodeError) as e:
+            out[name] = value_parser(hints[name], name)(value)
+        except (ValueError, _argparse.ArgumentTypeError) as e:
             raise SystemExit(f"--set {item!r}: cannot read {value!r} as {hints[name]} ({e})") from None
     return out
 
@@ -160,22 +167,30 @@ def write_report(results: list[dict], out: Path, command: str) -> None:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tasks", nargs="+", default=["Compressibility", "Incompressibility"])
-    p.add_argument("--algos", nargs="+", default=["ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument("--budget", type=int, default=2048)
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--runs", type=Path, default=RUNS)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: Compressibility, ddpo-is, seed 0, budget 256, 16 eval samples, runs in {QUICK_RUNS} "
+                        "(a few minutes on a 2-core CPU)")  # fmt: skip
+    p.add_argument("--tasks", nargs="+", help="tasks: Compressibility, Incompressibility, PromptAlignment or full IDs "
+                                              "(default: Compressibility Incompressibility)")  # fmt: skip
+    p.add_argument("--algos", nargs="+", help="algorithms (default: ddpo-is ddpo-sf rwr rwr-sparse)")
+    p.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: 0 1 2)")
+    p.add_argument("--budget", type=int, help="reward queries per run (default: 2048)")
+    p.add_argument("--eval-samples", type=int, help="samples of each evaluation (default: 64)")
+    p.add_argument("--runs", type=Path, help=f"where the run folders go (default: {RUNS}; with --quick: {QUICK_RUNS})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a preset field (repeatable), e.g. --set num_inner_epochs=2")  # fmt: skip
     p.add_argument("--tag", help="name suffix of the run folders (required with --set)")
     p.add_argument(
-        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)"
+        "--threads", type=int, default=1, help="torch threads (default: 1, the fastest on a shared 2-core box)"
     )
-    p.add_argument("--progress", action="store_true")
+    p.add_argument("--progress", action="store_true", help="progress bars of each run's training (default: off)")
     p.add_argument("--report", type=Path, metavar="DIR",
                    help="train nothing: write DIR/improvement.{json,md} from the finished runs of --tasks x --algos")  # fmt: skip
     args = p.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.report:
         results = collect(args.runs, [_task(t) for t in args.tasks], args.algos)
         if not results:
@@ -188,17 +203,35 @@ def main(argv=None) -> list[dict]:
         p.error("--set changes the preset: give the trial a --tag so that its runs get their own folders")
     torch.set_num_threads(args.threads)
     results = []
-    for task in map(_task, args.tasks):
+    plan = [(task, algo, seed) for task in map(_task, args.tasks) for algo in args.algos for seed in args.seeds]
+    print(estimate_line(len(plan), args.budget), flush=True)
+    started, trained = time.perf_counter(), 0
+    for i, (task, algo, seed) in enumerate(plan):
         base_stats(task, args)
-        for algo in args.algos:
-            for seed in args.seeds:
-                r = run(task, algo, seed, args)
-                results.append(r)
-                print(json.dumps({k: r.get(k) for k in ("task", "algo", "seed", "reward_queries", "eval_reward", "d")}),
-                      flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        r = run(task, algo, seed, args)
+        if time.perf_counter() - t0 > 5:  # trained now (a finished run is reused in well under a second)
+            trained += 1
+        results.append(r)
+        print(json.dumps({k: r.get(k) for k in ("task", "algo", "seed", "reward_queries", "eval_reward", "d")}),
+              flush=True)  # fmt: skip
+        if trained and i + 1 < len(plan):
+            per_run = (time.perf_counter() - started) / trained
+            print(f"[{i + 1}/{len(plan)}] about {per_run * (len(plan) - i - 1) / 60:.0f} min left "
+                  f"(measured {per_run / 60:.1f} min per run)", flush=True)  # fmt: skip
     print()
     print(table(results))
+    print(f"runs: {args.runs}  (write the report with --report DIR)")
     return results
+
+
+def estimate_line(num_runs: int, budget: int, epoch_s: float = TINY_EPOCH_S, samples_per_epoch: int = 64) -> str:
+    """A duration estimate before anything runs: epochs per run at the tiny presets' epoch time."""
+    epochs = -(-budget // samples_per_epoch)
+    minutes = num_runs * epochs * epoch_s / 60
+    return (f"{num_runs} run(s) x {epochs} epochs of {samples_per_epoch} samples: about {minutes:.0f} min at "
+            f"~{epoch_s:.0f} s per epoch (tiny presets, one thread of a 2-core CPU), plus evaluations; "
+            "finished runs are reused")  # fmt: skip
 
 
 if __name__ == "__main__":

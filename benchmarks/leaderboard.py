@@ -59,6 +59,8 @@ TASKS = (
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "leaderboard"
+# --quick never writes over the committed figures (benchmarks/results) unless --out asks it to.
+QUICK_RUNS = RUNS.with_name("leaderboard-quick")
 QUICK = dict(budget=128, seeds=1, tasks=TASKS[:2], eval_samples=16)
 
 
@@ -311,10 +313,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "marked as carried over: rerun only the algorithms whose code or config changed")  # fmt: skip
     p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
-    p.add_argument(
-        "--out", type=Path, default=RESULTS, help=f"where the tables and plots go (default {RESULTS})"
-    )
-    p.add_argument("--runs", type=Path, default=RUNS, help=f"where the run folders go (default {RUNS})")
+    p.add_argument("--out", type=Path,
+                   help=f"where the tables and plots go (default {RESULTS}; with --quick: RUNS/results, so the "
+                        "committed figures stay as they are)")  # fmt: skip
+    p.add_argument("--runs", type=Path, help=f"where the run folders go (default {RUNS}; with --quick: {QUICK_RUNS})")
     p.add_argument(
         "--model", help="model folder for every task (default: the envs' own, the shipped tiny model)"
     )
@@ -327,6 +329,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     quick = QUICK if args.quick else dict(budget=1024, seeds=3, tasks=TASKS, eval_samples=64)
+    args.runs = args.runs or (QUICK_RUNS if args.quick else RUNS)
+    args.out = args.out or (args.runs / "results" if args.quick else RESULTS)
     for k, v in quick.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -373,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = write_outputs(results, bases, args, pending=0)
     out["ran"], out["skipped"] = ran, len(plan) - ran
     print((args.out / "leaderboard.md").read_text())
+    print(f"tables and plots: {args.out}/leaderboard.md, leaderboard.json, leaderboard_<task>.png; runs: {args.runs}")
+    if args.quick and args.out.resolve() != RESULTS.resolve():
+        print(f"(--quick wrote to a scratch folder; the committed {RESULTS} is unchanged. Pass --out {RESULTS} "
+              "to replace it.)")  # fmt: skip
     return out
 
 

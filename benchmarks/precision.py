@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "SD v1.4 setting), 3e-5, 3e-4 (the tiny DDPO-IS preset))")  # fmt: skip
     p.add_argument("--steps", type=int, help="denoising steps (default: the env's)")
     p.add_argument("--attention", default="math", choices=ATTENTION_IMPLS, help="attention kernels (default math)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.add_argument("--json", type=Path, help="write the figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="smoke run: random micro model, 4 samples, 4 steps")
     args = p.parse_args(argv)

@@ -83,9 +83,9 @@ def colour_describe(batch: torch.Tensor) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 512])
-    parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing per measurement")
+    parser.add_argument("--batch", type=int, default=16, help="images per reward call (default: 16)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 512], help="image sizes in pixels (default: 32 512)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="minimum timing per measurement in seconds (default: 2)")
     parser.add_argument(
         "--torch-threads", type=int, default=None,
         help="torch.set_num_threads (default: torch's own; 1 is faster on a busy machine)",

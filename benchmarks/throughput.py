@@ -64,6 +64,7 @@ from agents.policy import GaussianDenoisingPolicy
 from agents.registry import get_algo
 from agents.runtime import retain_freed_memory
 from agents.trainer import derive_seed, make_env
+from benchmarks.heartbeat import heartbeat
 from diffusion_env.models import TINY_MODEL_PATH
 
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
@@ -480,7 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "without it glibc faults every training micro-batch's activations in afresh",
     )  # fmt: skip
     p.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available, else cpu)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="smoke run: random micro model, 16 samples x 4 steps, 1 repeat, small peak matmul, no compile")  # fmt: skip
     args = p.parse_args(argv)
@@ -562,12 +564,18 @@ def main(argv=None) -> dict[str, Any]:
     warm = {}
     for side in sides:
         n = args.samples if side.name == "optimised" else side.cfg.sample_batch_size
+        compiling = side.name == "optimised" and side.cfg.compile_unet
+        print(f"warm-up {side.name}: one epoch of {n} samples"
+              + (" (torch.compile compiles every batch shape: a minute or two)" if compiling else ""), flush=True)  # fmt: skip
         t0 = time.perf_counter()
-        run_epoch(side, 10_000, n, record=False)
+        with heartbeat(f"warm-up {side.name}"):  # untimed: a line every 15 s, so a long compile is visibly alive
+            run_epoch(side, 10_000, n, record=False)
         warm[side.name] = time.perf_counter() - t0
         print(f"warm-up {side.name}: {warm[side.name]:.1f} s ({n} samples)")
 
     # 3. Timed epochs, interleaved, each replayed alone afterwards.
+    print(f"timed: {args.repeats} round(s) x {len(sides)} side(s), each epoch then replayed as pure UNet calls "
+          "(the 'pure UNet' times)", flush=True)  # fmt: skip
     for r in range(args.repeats):
         for side in sides:
             e = run_epoch(side, r, args.samples, record=True)

@@ -11,11 +11,17 @@ Named sets (DDPO paper, appendix A.4 and A.7):
 
 A prompt distribution is built once per environment by :func:`make_prompt_sampler` and then drawn
 from with each sub-environment's own ``np.random.Generator``, so prompts are seeded like everything else.
+
+Any string is a prompt. The empty prompt is allowed: it is the unconditional prompt that classifier-free
+guidance uses, so images sampled from it are the model's unconditional samples. The text encoder reads
+at most its tokenizer's window (77 tokens for CLIP, 16 for the embedded tiny model, both counting the
+start and end tokens); :func:`warn_if_truncated` warns, once per prompt, about the words it cuts.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from importlib import resources
@@ -118,3 +124,27 @@ def make_prompt_sampler(prompts: str | Sequence[str] | PromptSampler) -> PromptS
 def finite_prompts(sampler: PromptSampler) -> tuple[str, ...] | None:
     """The finite prompt list behind a sampler, when there is one."""
     return sampler.prompts if isinstance(sampler, ListSampler) else None
+
+
+_TRUNCATION_WARNED: set[tuple[int, str]] = set()
+
+
+class PromptTruncationWarning(UserWarning):
+    """A prompt is longer than the text encoder's window; the encoder sees only its beginning."""
+
+
+def warn_if_truncated(tokenizer, prompt: str) -> int:
+    """The number of tokens of ``prompt`` (start and end tokens included); warns once per prompt (and
+    window size) with :class:`PromptTruncationWarning` when that exceeds ``tokenizer.model_max_length``."""
+    count = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+    window = int(tokenizer.model_max_length)
+    if count > window and (window, prompt) not in _TRUNCATION_WARNED:
+        _TRUNCATION_WARNED.add((window, prompt))
+        shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
+        warnings.warn(
+            f"prompt {shown!r} has {count} tokens; the text encoder reads the first {window} (start and end "
+            f"tokens included), so the last {count - window} are cut. Shorten it to keep its whole meaning.",
+            PromptTruncationWarning,
+            stacklevel=2,
+        )
+    return count

@@ -47,3 +47,17 @@ def register_all() -> None:
         _register(f"Denoise-SD14-{task}-v0", {**SD14_DEFAULTS, **kw})
     for task, kw in TINY_TASKS.items():
         _register(f"Denoise-Tiny-{task}-v0", {**TINY_DEFAULTS, **kw})
+
+
+def describe_env(env_id: str) -> str:
+    """One line about a registered ``Denoise-*`` ID: model, image size, steps, reward and prompts."""
+    from pathlib import Path
+
+    kw = registry[env_id].kwargs
+    model = kw.get("model")
+    if model is not None and Path(str(model)) == TINY_MODEL_PATH:
+        model = "embedded tiny model"
+    size = f"{kw['height']}²" if kw.get("height") and kw.get("height") == kw.get("width") else None
+    parts = [str(model), size, f"{kw['num_steps']} steps" if "num_steps" in kw else None,
+             f"reward {kw.get('reward')}", f"prompts {kw.get('prompts')}"]  # fmt: skip
+    return ", ".join(p for p in parts if p)

@@ -13,6 +13,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
+from diffusion_env.downloads import check_downloads
 from diffusion_env.models import ModelFamily, load_family
 from diffusion_env.prompts import PromptSampler, finite_prompts, make_prompt_sampler
 from diffusion_env.spaces import MAX_PROMPT_LENGTH, SAMPLE_CHARSET, PromptText, check_prompt
@@ -162,6 +163,8 @@ class DenoisingEnv(VectorEnv):
         self.decode_batch_size = int(decode_batch_size)
         self.render_mode = render_mode
         self.prompt_sampler = make_prompt_sampler(prompts)
+        # Every missing download (diffusion weights, reward models) in one message, before anything loads.
+        check_downloads(model=model, reward=reward, reward_kwargs=reward_kwargs, download=download, family=family)
         self.reward_fn = make_reward(reward, **(reward_kwargs or {}))
         self.async_reward = bool(async_reward)
         self._evaluator = AsyncRewardEvaluator(self.reward_fn, max_workers=reward_workers) if async_reward else None

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewards.base import MissingModelError, RewardInfo, as_float_images, check_prompts
+from rewards.downloads import download_command
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
 HEAD_ENV = "DENOISE_GYM_AESTHETIC_HEAD"
@@ -128,7 +129,7 @@ def resolve_head_path(
     except Exception as e:  # LocalEntryNotFoundError and friends
         raise MissingModelError(
             f"aesthetic head {filename!r} of {repo_id!r} is not in the Hugging Face cache "
-            f"({type(e).__name__}). Get it with `hf download {repo_id} {filename}`, "
+            f"({type(e).__name__}). Get it with `{download_command(repo_id, filename)}`, "
             f"or set {HEAD_ENV}=/path/to/{filename}, or pass head=<path>."
         ) from e
 
@@ -155,7 +156,7 @@ def load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, *, cache_dir: str 
         how = (
             "expected an existing local directory with a saved CLIPModel"
             if looks_like_path or Path(name).exists()
-            else f"get it with `hf download {name}`"
+            else f"get it with `{download_command(name)}`"
         )
         raise MissingModelError(
             f"CLIP model {name!r} is neither a loadable local directory nor in the Hugging Face cache; "
@@ -209,6 +210,7 @@ class AestheticReward:
     """
 
     name = "aesthetic"
+    unit = "LAION aesthetic score, about 1-10"
 
     def __init__(
         self,

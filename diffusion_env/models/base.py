@@ -71,6 +71,7 @@ class ModelFamily(ABC):
     """
 
     name: str = "abstract"
+    subfolders: tuple[str, ...] = ()  # the folders of a model repo this family loads (checked, downloaded)
     device: torch.device
     dtype: torch.dtype
     model_path: Path | None

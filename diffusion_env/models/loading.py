@@ -10,6 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from rewards.downloads import download_command
+
 TINY_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny"  # the embedded tiny SD-v1 model
 
 
@@ -56,7 +58,7 @@ def resolve_model_path(
         raise ModelNotFoundError(
             f"the weights of {repo_id!r} are not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and no local folder has that name. "
-            f"Fetch them once with `hf download {repo_id}`, or pass download=True to "
+            f"Fetch them once with `{download_command(repo_id)}`, or pass download=True to "
             f"gym.make, or pass model=<path to a local copy>."
         ) from exc
     return Path(local)

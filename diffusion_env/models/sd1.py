@@ -17,6 +17,7 @@ import torch
 
 from diffusion_env.models.base import Cond, ModelFamily, register_family
 from diffusion_env.models.loading import resolve_model_path
+from diffusion_env.prompts import warn_if_truncated
 from diffusion_env.step_math import (
     StepGaussian,
     check_std,
@@ -34,6 +35,7 @@ class SD1Family(ModelFamily):
     """SD-v1 layout (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), ε-prediction, DDIM(η)."""
 
     name = "sd1-ddim"
+    subfolders = SUBFOLDERS
 
     def __init__(self, scheduler: Any, vae: torch.nn.Module, text_encoder: torch.nn.Module, tokenizer: Any,
                  *, model_path: Path | None = None, device: torch.device | str = "cpu",
@@ -110,6 +112,7 @@ class SD1Family(ModelFamily):
                    return_tensors="pt").input_ids.to(self.device)  # fmt: skip
 
     def _encode(self, prompt: str) -> Cond:
+        warn_if_truncated(self.tokenizer, prompt)  # once per prompt, with its token count
         out = self.text_encoder(self._tokens([prompt]))
         # The UNet reads only encoder_hidden_states; the pooled vector rides along for pooled_embedding.
         return {"encoder_hidden_states": out.last_hidden_state, "pooled": out.pooler_output}
