@@ -29,8 +29,12 @@ from rewards.base import (
     check_prompts,
     check_reward_output,
 )
+from rewards.clip_score import ClipScoreReward
 from rewards.composite import CallableReward, WeightedSum, reward_name
+from rewards.hps import HPSv2Reward
+from rewards.image_reward import ImageRewardReward
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from rewards.pickscore import PickScoreReward
 from rewards.server import serve_in_thread
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
@@ -71,12 +75,20 @@ register_reward("weighted_sum", WeightedSum)
 register_reward("aesthetic", AestheticReward)
 register_reward("prompt_alignment", PromptAlignmentReward)
 register_reward("tiny_prompt_alignment", TinyPromptAlignment)
+register_reward("pickscore", PickScoreReward)
+register_reward("hpsv2", HPSv2Reward)
+register_reward("image_reward", ImageRewardReward)
+register_reward("clip_score", ClipScoreReward)
 
 __all__ = [
     "AestheticHead",
     "AestheticReward",
     "AsyncRewardEvaluator",
     "CallableReward",
+    "ClipScoreReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
+    "PickScoreReward",
     "ChatCompletionsClient",
     "JpegCompressibility",
     "JpegIncompressibility",
