@@ -34,6 +34,7 @@ from rewards.composite import CallableReward, WeightedSum, reward_name
 from rewards.hps import HPSv2Reward
 from rewards.image_reward import ImageRewardReward
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from rewards.ocr import OcrReward
 from rewards.pickscore import PickScoreReward
 from rewards.server import serve_in_thread
 
@@ -79,6 +80,7 @@ register_reward("pickscore", PickScoreReward)
 register_reward("hpsv2", HPSv2Reward)
 register_reward("image_reward", ImageRewardReward)
 register_reward("clip_score", ClipScoreReward)
+register_reward("ocr", OcrReward)
 
 __all__ = [
     "AestheticHead",
@@ -93,6 +95,7 @@ __all__ = [
     "JpegCompressibility",
     "JpegIncompressibility",
     "MissingModelError",
+    "OcrReward",
     "PromptAlignmentReward",
     "RewardError",
     "RewardFn",
