@@ -37,6 +37,7 @@ from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_k
 from rewards.ocr import OcrReward
 from rewards.pickscore import PickScoreReward
 from rewards.server import serve_in_thread
+from rewards.vlm_judge import VlmJudgeReward
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
@@ -81,6 +82,7 @@ register_reward("hpsv2", HPSv2Reward)
 register_reward("image_reward", ImageRewardReward)
 register_reward("clip_score", ClipScoreReward)
 register_reward("ocr", OcrReward)
+register_reward("vlm_judge", VlmJudgeReward)
 
 __all__ = [
     "AestheticHead",
@@ -102,6 +104,7 @@ __all__ = [
     "RewardHandle",
     "RewardServerError",
     "TinyPromptAlignment",
+    "VlmJudgeReward",
     "WeightedSum",
     "as_float_images",
     "as_uint8_images",
