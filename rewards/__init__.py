@@ -36,6 +36,7 @@ from rewards.image_reward import ImageRewardReward
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
 from rewards.ocr import OcrReward
 from rewards.pickscore import PickScoreReward
+from rewards.remote import RemoteReward, serve_reward_in_thread
 from rewards.server import serve_in_thread
 from rewards.vlm_judge import VlmJudgeReward
 
@@ -83,6 +84,7 @@ register_reward("image_reward", ImageRewardReward)
 register_reward("clip_score", ClipScoreReward)
 register_reward("ocr", OcrReward)
 register_reward("vlm_judge", VlmJudgeReward)
+register_reward("remote", RemoteReward)
 
 __all__ = [
     "AestheticHead",
@@ -102,6 +104,7 @@ __all__ = [
     "RewardError",
     "RewardFn",
     "RewardHandle",
+    "RemoteReward",
     "RewardServerError",
     "TinyPromptAlignment",
     "VlmJudgeReward",
@@ -119,4 +122,5 @@ __all__ = [
     "registered_rewards",
     "reward_name",
     "serve_in_thread",
+    "serve_reward_in_thread",
 ]
