@@ -318,3 +318,20 @@ def test_resize_max_preprocess_pads_non_square_images_with_black():
     torch.testing.assert_close(out[..., 6:, :], torch.zeros(1, 3, 2, 8))
     sq = random_images(2, 48)
     torch.testing.assert_close(resize_max_preprocess(sq, 32), reference_pixels(sq, 32), rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_multi_reward_through_the_registry():
+    """The field combines preference rewards with weights: component_kwargs reach each registered one."""
+    model, tok = tiny_clip(logit_scale=1.0), tiny_tokenizer()
+    images = random_images(3, seed=4)
+    prompts = PROMPTS[:3]
+    combo = rewards.make_reward({"pickscore": 1.0, "clip_score": 0.5, "hpsv2": 2.0},
+                                pickscore=dict(model=model, tokenizer=tok),
+                                clip_score=dict(model=model, tokenizer=tok, weight=100),
+                                hpsv2=dict(checkpoint=open_clip_state_dict(), tokenizer=tok, arch=ARCH))  # fmt: skip
+    r, info = combo(images, prompts)
+    ref = reference_logits(model, tok, images, prompts)  # exp(1) * cos
+    cos = ref / torch.e
+    hps = reference_open_clip_hps(open_clip_state_dict(), ARCH, images, prompts, tok)
+    torch.testing.assert_close(r.double(), ref + 0.5 * 100 * cos.clamp_min(0) + 2 * hps, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(info["hpsv2/reward"].double(), hps, rtol=1e-4, atol=1e-4)

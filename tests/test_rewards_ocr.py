@@ -85,3 +85,11 @@ def test_engine_contract_confidence_and_missing_quotes():
         OcrReward(eng, min_confidence=2)
     with pytest.raises(ValueError, match="configure it instead"):
         OcrReward(eng, det_limit_side_len=320)
+
+
+def test_ocr_prompt_set_quotes_one_target_each():
+    from diffusion_env.prompts import OCR_WORDS, prompt_set
+
+    prompts = prompt_set("ocr_words")
+    assert len(prompts) == 4 * len(OCR_WORDS)
+    assert {quoted_text(p) for p in prompts} == set(OCR_WORDS)
