@@ -11,12 +11,16 @@ the model's device,
   the result), text projection, L2 normalisation; repeated prompts are embedded once per call;
 - ``cosine(images, prompts)``: the per-pair cosine similarity ``[B]``.
 
+With ``device=None`` the model stays where it is until images arrive on an accelerator; it then moves
+there once (so a reward built on the CPU scores on the env's GPU without a host round trip).
+
 Each reward then maps the cosine to its published scale (PickScore: ``exp(logit_scale) * cos``;
 HPSv2.1: ``cos``; CLIPScore: ``w * max(cos, 0)``).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,9 +62,13 @@ class ClipTextImage:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r}; expected an int >= 2 (77 for CLIP)")
+        # device None: the model's own device, and the scorer follows images that arrive on an
+        # accelerator (the env's device) by moving there once
+        self.follow_images = device is None
         if device is None:
             device = next(model.parameters()).device
         self.device = torch.device(device)
+        self._move_lock = threading.Lock()
         self.model = model.eval().to(self.device)
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
@@ -107,9 +115,18 @@ class ClipTextImage:
         if x.ndim != 4 or x.shape[1] != 3:
             as_float_images(x)  # raises the canonical ValueError
         prompts = check_prompts(prompts, x.shape[0])
+        self.follow(x.device)
         return (self.embed_images(x) * self.embed_texts(prompts)).sum(-1)
 
+    def follow(self, device: torch.device) -> None:
+        """Move the model to ``device`` when following images (``device=None``) and they are not on the CPU."""
+        if self.follow_images and device.type != "cpu" and device != self.device:
+            with self._move_lock:
+                if device != self.device:
+                    self.model.to(device)
+                    self.device = device
+
     @property
-    def logit_scale(self) -> float:
-        """``exp(logit_scale)`` of the model (100 for trained CLIPs)."""
-        return float(self.model.logit_scale.detach().float().exp())
+    def logit_scale(self) -> torch.Tensor:
+        """``exp(logit_scale)`` of the model as a float32 scalar tensor on its device (100 for trained CLIPs)."""
+        return self.model.logit_scale.detach().float().exp()

@@ -64,7 +64,10 @@ class ClipScoreReward:
         clip = load_clip_model(model, what="CLIPModel", arg="model", cache_dir=cache_dir)
         self.scorer = ClipTextImage(clip, tok, device=device, batch_size=batch_size)
         self.weight = float(weight)
-        self.device = self.scorer.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         out_device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")

@@ -236,7 +236,10 @@ class HPSv2Reward:
         self.scorer = ClipTextImage(checkpoint, tok, device=device, batch_size=batch_size,
                                     max_length=arch.context_length, preprocess=resize_max_preprocess)  # fmt: skip
         self.version = version
-        self.device = self.scorer.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         out_device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")

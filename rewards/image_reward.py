@@ -28,6 +28,7 @@ Files are read locally only: ``hf download THUDM/ImageReward ImageReward.pt`` (o
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -196,7 +197,8 @@ class ImageRewardReward:
 
     ``checkpoint``: None (``$DENOISE_GYM_IMAGE_REWARD_CHECKPOINT``, else ``ImageReward.pt`` from the HF
     cache), a path, a state dict, or an :class:`ImageRewardModel`. ``tokenizer``: repo id / directory /
-    loaded tokenizer. ``device`` (default: the model's), ``batch_size``.
+    loaded tokenizer. ``device``: where to run (default: the model's device, then the images' device
+    the first time they arrive on an accelerator), ``batch_size``.
     """
 
     name = "image_reward"
@@ -227,12 +229,22 @@ class ImageRewardReward:
         if not isinstance(checkpoint, ImageRewardModel):
             raise ValueError(f"checkpoint is {type(checkpoint).__name__}; expected None, a path, a state dict "
                              "or an ImageRewardModel")  # fmt: skip
+        self.follow_images = device is None  # then move once to images that arrive on an accelerator
         if device is None:
             device = next(checkpoint.parameters()).device
         self.device = torch.device(device)
+        self._move_lock = threading.Lock()
         self.model = checkpoint.eval().to(self.device)
         self.dtype = next(self.model.parameters()).dtype
         self.batch_size = batch_size
+
+    def follow(self, device: torch.device) -> None:
+        """Move the model to ``device`` when following images (``device=None``) and they are not on the CPU."""
+        if self.follow_images and device.type != "cpu" and device != self.device:
+            with self._move_lock:
+                if device != self.device:
+                    self.model.to(device)
+                    self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
@@ -240,6 +252,7 @@ class ImageRewardReward:
         if x.ndim != 4 or x.shape[1] != 3:
             as_float_images(x)  # raises the canonical ValueError
         prompts = check_prompts(prompts, x.shape[0])
+        self.follow(x.device)
         out = []
         for s in range(0, x.shape[0], self.batch_size):
             pix = clip_preprocess(x[s : s + self.batch_size], self.model.image_size, device=self.device)

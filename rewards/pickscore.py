@@ -76,7 +76,10 @@ class PickScoreReward:
                              cache_dir=cache_dir)  # fmt: skip
         clip = load_clip_model(model, what="PickScore CLIPModel", arg="model", cache_dir=cache_dir)
         self.scorer = ClipTextImage(clip, tok, device=device, batch_size=batch_size)
-        self.device = self.scorer.device
+
+    @property
+    def device(self) -> torch.device:
+        return self.scorer.device
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         out_device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")

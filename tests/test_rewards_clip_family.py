@@ -335,3 +335,18 @@ def test_weighted_multi_reward_through_the_registry():
     hps = reference_open_clip_hps(open_clip_state_dict(), ARCH, images, prompts, tok)
     torch.testing.assert_close(r.double(), ref + 0.5 * 100 * cos.clamp_min(0) + 2 * hps, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(info["hpsv2/reward"].double(), hps, rtol=1e-4, atol=1e-4)
+
+
+def test_scorer_follows_images_to_an_accelerator_only_when_no_device_was_given():
+    """device=None: the model moves once to where images arrive (the env's GPU); an explicit device stays.
+    ('meta' stands in for an accelerator: the move is what is checked, not a forward pass.)"""
+    from rewards.clip_common import ClipTextImage
+
+    following = ClipTextImage(tiny_clip(), tiny_tokenizer())
+    following.follow(torch.device("cpu"))
+    assert following.device.type == "cpu"
+    following.follow(torch.device("meta"))
+    assert following.device.type == "meta" and next(following.model.parameters()).device.type == "meta"
+    pinned = ClipTextImage(tiny_clip(), tiny_tokenizer(), device="cpu")
+    pinned.follow(torch.device("meta"))
+    assert pinned.device.type == "cpu" and next(pinned.model.parameters()).device.type == "cpu"

@@ -168,3 +168,13 @@ def test_image_reward_bad_checkpoints():
         ImageRewardReward(3, tokenizer=tiny_tokenizer(), arch=ARCH)
     with pytest.raises(ValueError, match="vision_layers=0"):
         BlipArch(vision_layers=0)
+
+
+def test_image_reward_follows_images_to_an_accelerator_only_when_no_device_was_given():
+    sd, _ = checkpoint_and_text_model()
+    following = ImageRewardReward(sd, tokenizer=tiny_tokenizer(), arch=ARCH)
+    following.follow(torch.device("meta"))  # 'meta' stands in for an accelerator
+    assert following.device.type == "meta" and next(following.model.parameters()).device.type == "meta"
+    pinned = ImageRewardReward(sd, tokenizer=tiny_tokenizer(), arch=ARCH, device="cpu")
+    pinned.follow(torch.device("meta"))
+    assert pinned.device.type == "cpu" and next(pinned.model.parameters()).device.type == "cpu"
