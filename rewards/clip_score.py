@@ -9,7 +9,9 @@ Two conventions are in use, and both are available through ``weight``:
 - ``weight=100``: the convention of ``torchmetrics.multimodal.CLIPScore`` and of most text-to-image
   papers that report "CLIP score" around 25-35.
 
-The default model is the paper's, ``openai/clip-vit-base-patch32``; ``openai/clip-vit-large-patch14``
+``prefix`` is prepended to every prompt before tokenising: empty by default (torchmetrics and the
+text-to-image papers), ``"A photo depicts "`` to match the paper exactly (Hessel et al. prefix captions
+with it). The default model is the paper's, ``openai/clip-vit-base-patch32``; ``openai/clip-vit-large-patch14``
 is the other common choice (torchmetrics' default). Preprocessing as the CLIP processor: shorter side
 to the input size with bicubic resampling, centre crop, CLIP mean/std; text truncated to 77 tokens.
 The model and its tokenizer come from one local directory or HF repo in the cache
@@ -37,7 +39,8 @@ class ClipScoreReward:
     """Reward = ``weight * max(cos, 0)`` (see the module docstring).
 
     ``model``: repo id / local directory / loaded ``CLIPModel``; ``tokenizer``: None (the model's own
-    repo or directory), a repo id / directory, or a loaded tokenizer. ``info``: ``cosine`` ``[B]``.
+    repo or directory), a repo id / directory, or a loaded tokenizer. ``weight`` and ``prefix``: see the
+    module docstring. ``info``: ``cosine`` ``[B]``.
     """
 
     name = "clip_score"
@@ -48,6 +51,7 @@ class ClipScoreReward:
         tokenizer: Any = None,
         *,
         weight: float = PAPER_WEIGHT,
+        prefix: str = "",
         device: torch.device | str | None = None,
         batch_size: int = 32,
         cache_dir: str | os.PathLike | None = None,
@@ -56,6 +60,8 @@ class ClipScoreReward:
             math.isfinite(weight) and weight > 0
         ):
             raise ValueError(f"weight={weight!r}; expected a positive number (2.5 as in the paper, or 100)")
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix={prefix!r}; expected a string ('' or 'A photo depicts ')")
         if tokenizer is None:
             if not isinstance(model, (str, os.PathLike)):
                 raise ValueError("tokenizer is None with a loaded model; expected a tokenizer or its repo id")
@@ -64,6 +70,7 @@ class ClipScoreReward:
         clip = load_clip_model(model, what="CLIPModel", arg="model", cache_dir=cache_dir)
         self.scorer = ClipTextImage(clip, tok, device=device, batch_size=batch_size)
         self.weight = float(weight)
+        self.prefix = prefix
 
     @property
     def device(self) -> torch.device:
@@ -71,6 +78,8 @@ class ClipScoreReward:
 
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         out_device = images.device if isinstance(images, torch.Tensor) else torch.device("cpu")
+        if self.prefix and not isinstance(prompts, str):
+            prompts = [self.prefix + p if isinstance(p, str) else p for p in prompts]
         cos = self.scorer.cosine(images, prompts)
         return (self.weight * cos.clamp_min(0.0)).to(out_device, torch.float32), {"cosine": cos.to(out_device)}
 

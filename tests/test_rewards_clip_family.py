@@ -115,6 +115,10 @@ def test_clip_score_both_conventions_and_clipping():
     prompts = ["a cat", "dog", "sky", "red", "mat", "blue sky", "a b c", "zebra"]
     rr, ii = neg(many, prompts)
     assert (ii["cosine"] < 0).any() and (rr[ii["cosine"] < 0] == 0).all()
+    prefixed, info = ClipScoreReward(model=model, tokenizer=tok, prefix="my ")(images, PROMPTS)
+    ref_prefixed = reference_logits(model, tok, images, ["my " + p for p in PROMPTS])
+    torch.testing.assert_close(info["cosine"].double(), ref_prefixed / model.logit_scale.exp().item(),
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match=r"weight=0; expected a positive number"):
         ClipScoreReward(model=model, tokenizer=tok, weight=0)
     with pytest.raises(ValueError, match="tokenizer is None with a loaded model"):
