@@ -73,7 +73,8 @@ class ClipTextImage:
         self.tokenizer = tokenizer
         self.dtype = next(model.parameters()).dtype
         self.image_size = int(model.config.vision_config.image_size)
-        self.max_length = max_length
+        # never longer than the text tower's position table (77 for CLIP; less for small test models)
+        self.max_length = min(max_length, int(model.config.text_config.max_position_embeddings))
         self.batch_size = batch_size
         self.preprocess = preprocess
         self.mean = tuple(mean)
