@@ -17,7 +17,9 @@ answered ``200`` with::
 Errors are ``{"error": {"message": ..., "type": ...}}`` with status 400 (malformed request), 401 (missing
 or wrong bearer token, when the server has one), 404 (unknown path), 413 (body over ``max_body_bytes`` or
 more than ``max_batch`` images) or 500 (the reward raised or returned the wrong shape). ``{base}`` is the
-URL the server prints, e.g. ``http://127.0.0.1:8100/v1``.
+URL the server prints, e.g. ``http://127.0.0.1:8100/v1``. Images are checked against ``max_pixels`` from
+their header before decoding (413), so a decompression bomb is refused, and a server bound to a
+non-loopback address refuses to start without a token unless told ``--insecure``.
 
 Client: :class:`RemoteReward` (a reward like any other, so :class:`rewards.async_eval.AsyncRewardEvaluator`
 runs it in the background) splits a batch into requests of at most ``max_batch`` images, sends them
@@ -38,8 +40,11 @@ models are rarely thread-safe); images reach the reward as ``uint8 [B, 3, H, W]`
 from __future__ import annotations
 
 import argparse
+import base64
 import hmac
 import importlib
+import io
+import ipaddress
 import json
 import math
 import os
@@ -50,13 +55,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from rewards.alignment import ChatCompletionsClient, RewardServerError, _Fatal, _Retryable
 from rewards.base import RewardFn, RewardInfo, as_uint8_images, check_prompts, check_reward_output
-from rewards.server import BadRequest, data_url_to_array, image_to_data_url
+from rewards.server import BadRequest, image_to_data_url
 
 REMOTE_KEY_ENV = "DENOISE_GYM_REMOTE_KEY"
 MAX_BODY_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096
 PROTOCOL_VERSION = 1
 
 
@@ -92,7 +99,30 @@ def encode_request(images: torch.Tensor, prompts: Sequence[str], compress_level:
     return json.dumps({"images": urls, "prompts": list(prompts)}).encode()
 
 
-def decode_request(payload: Any, max_batch: int) -> tuple[torch.Tensor, list[str]]:
+def decode_image(url: Any, max_pixels: int) -> np.ndarray:
+    """A base64 image data URL as ``uint8 [H, W, 3]``; :class:`TooLarge` when its header declares more than
+    ``max_pixels`` pixels (checked before decoding: no decompression bomb), :class:`BadRequest` when malformed."""
+    if not isinstance(url, str) or not url.startswith("data:image/"):
+        raise BadRequest("images must be base64 data URLs 'data:image/...;base64,...'; remote URLs are not fetched")
+    header, _, data = url.partition(",")
+    if not header.endswith(";base64"):
+        raise BadRequest(f"image data URL header {header[:40]!r}; expected ';base64' encoding")
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise TooLarge(f"image of {w}x{h} pixels; at most {max_pixels} pixels per image")
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except TooLarge:
+        raise
+    except Image.DecompressionBombError as e:  # PIL refuses on open past twice its own pixel limit
+        raise TooLarge(f"image refused as too large: {e}; at most {max_pixels} pixels per image") from e
+    except Exception as e:  # binascii.Error, OSError, PIL's DecompressionBombError, truncated data, ...
+        raise BadRequest(f"could not decode the image data URL: {type(e).__name__}: {e}") from e
+
+
+def decode_request(payload: Any, max_batch: int, max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, list[str]]:
     """``(uint8 [B, 3, H, W], prompts)`` from a request body; :class:`BadRequest` when malformed."""
     if not isinstance(payload, dict):
         raise BadRequest("request body must be a JSON object with 'images' and 'prompts'")
@@ -105,7 +135,7 @@ def decode_request(payload: Any, max_batch: int) -> tuple[torch.Tensor, list[str
         raise BadRequest(f"got {len(images)} images and {len(prompts)} prompts; expected one prompt per image")
     if len(images) > max_batch:
         raise TooLarge(f"got {len(images)} images; at most {max_batch} per request")
-    arrays = [data_url_to_array(u) for u in images]
+    arrays = [decode_image(u, max_pixels) for u in images]
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise BadRequest(f"images have sizes {sorted(shapes)}; expected one size per request")
@@ -135,7 +165,8 @@ def decode_response(raw: bytes, batch: int | None = None) -> tuple[torch.Tensor,
 
 
 def make_remote_handler(reward_fn: RewardFn, *, name: str, max_batch: int, max_body_bytes: int,
-                        api_key: str | None, serialise: bool) -> type[BaseHTTPRequestHandler]:  # fmt: skip
+                        api_key: str | None, serialise: bool,
+                        max_pixels: int = MAX_PIXELS) -> type[BaseHTTPRequestHandler]:  # fmt: skip
     lock = threading.Lock() if serialise else None
 
     class Handler(BaseHTTPRequestHandler):
@@ -178,7 +209,15 @@ def make_remote_handler(reward_fn: RewardFn, *, name: str, max_batch: int, max_b
                 self._error(404, f"unknown path {self.path!r}; expected /v1/health or /v1/score", "not_found")
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length < 0:
+                    raise ValueError(length)
+            except ValueError:
+                self._error(400, f"Content-Length {self.headers.get('Content-Length')!r}; expected a byte count",
+                            "invalid_request_error")  # fmt: skip
+                self.close_connection = True
+                return
             if length > max_body_bytes:
                 self._error(413, f"request body of {length} bytes; at most {max_body_bytes}", "too_large")
                 self.close_connection = True
@@ -190,7 +229,7 @@ def make_remote_handler(reward_fn: RewardFn, *, name: str, max_batch: int, max_b
                 self._error(404, f"unknown path {self.path!r}; expected /v1/score", "not_found")
                 return
             try:
-                images, prompts = decode_request(json.loads(raw), max_batch)
+                images, prompts = decode_request(json.loads(raw), max_batch, max_pixels)
             except ValueError as e:  # BadRequest is a ValueError, and so is JSON's decode error
                 self._error(413 if isinstance(e, TooLarge) else 400, f"bad request: {e}", "invalid_request_error")
                 return
@@ -227,17 +266,35 @@ def _check_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}; expected a positive int")
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def make_remote_server(reward_fn: RewardFn, host: str = "127.0.0.1", port: int = 0, *, name: str | None = None,
-                       max_batch: int = 256, max_body_bytes: int = MAX_BODY_BYTES, api_key: str | None = None,
-                       serialise: bool = True) -> _Server:  # fmt: skip
-    """A (not yet started) HTTP server answering the protocol above with ``reward_fn``."""
+                       max_batch: int = 256, max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_PIXELS,
+                       api_key: str | None = None, serialise: bool = True, insecure: bool = False) -> _Server:  # fmt: skip
+    """A (not yet started) HTTP server answering the protocol above with ``reward_fn``.
+
+    Bound to a non-loopback address it requires ``api_key`` (clients send it as a bearer token) unless
+    ``insecure=True`` says that an open server is intended."""
     if not callable(reward_fn):
         raise ValueError(f"reward_fn is {type(reward_fn).__name__}; expected a callable reward(images, prompts)")
     _check_int("max_batch", max_batch)
     _check_int("max_body_bytes", max_body_bytes)
+    _check_int("max_pixels", max_pixels)
+    if not _is_loopback(host) and not api_key and not insecure:
+        raise ValueError(
+            f"host={host!r} is reachable from other machines and no api_key is set; expected a bearer token "
+            "(api_key / --api-key-env / --api-key-file) or insecure=True (--insecure) for an open server"
+        )
     name = name or getattr(reward_fn, "name", None) or type(reward_fn).__name__
     handler = make_remote_handler(reward_fn, name=name, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                                  api_key=api_key, serialise=serialise)  # fmt: skip
+                                  api_key=api_key, serialise=serialise, max_pixels=max_pixels)  # fmt: skip
     return _Server((host, port), handler)
 
 
@@ -389,7 +446,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES)
     parser.add_argument("--api-key-env", default=REMOTE_KEY_ENV,
                         help="environment variable holding the bearer token clients must send (unset: none)")  # fmt: skip
+    parser.add_argument("--api-key-file", default=None, help="file holding the bearer token (first line)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without a token (anyone who reaches it may call the reward)")  # fmt: skip
     args = parser.parse_args(argv)
+    api_key = os.environ.get(args.api_key_env) or None
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                api_key = f.readline().strip() or None
+        except OSError as e:
+            parser.error(f"--api-key-file={args.api_key_file!r} cannot be read ({e.strerror}); expected a token file")
     try:
         kwargs = json.loads(args.kwargs)
     except ValueError as e:
@@ -397,8 +464,11 @@ def main(argv: list[str] | None = None) -> None:
     if not isinstance(kwargs, dict):
         parser.error(f"--kwargs={args.kwargs!r}; expected a JSON object")
     reward = _load_reward(args.reward, kwargs)
-    server = make_remote_server(reward, args.host, args.port, name=args.reward, max_batch=args.max_batch,
-                                max_body_bytes=args.max_body_bytes, api_key=os.environ.get(args.api_key_env))  # fmt: skip
+    try:
+        server = make_remote_server(reward, args.host, args.port, name=args.reward, max_batch=args.max_batch,
+                                    max_body_bytes=args.max_body_bytes, api_key=api_key, insecure=args.insecure)  # fmt: skip
+    except ValueError as e:
+        parser.error(str(e))
     print(f"serving reward {args.reward!r} at http://{args.host}:{server.server_address[1]}/v1", flush=True)
     try:
         server.serve_forever()

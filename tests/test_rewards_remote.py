@@ -278,3 +278,55 @@ def test_helpers_and_bad_configuration():
         RemoteReward("ftp://x/v1")
     with pytest.raises(ValueError, match="reward_fn is int"):
         serve_reward_in_thread(3)
+
+
+def _png_declaring(width, height):
+    """A small real PNG whose header is patched to declare width x height (a decompression bomb)."""
+    import base64
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    png = bytearray(buf.getvalue())
+    png[16:24] = struct.pack(">II", width, height)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])) & 0xFFFFFFFF)
+    return "data:image/png;base64," + base64.b64encode(bytes(png)).decode()
+
+
+def test_hostile_requests_get_4xx_and_the_server_keeps_serving(serve):
+    import http.client
+
+    url = serve()
+    bomb = {"images": [_png_declaring(30000, 30000)], "prompts": ["a"]}
+    status, body = _request(url + "/score", json.dumps(bomb).encode())
+    assert status == 413 and "900000000 pixels" in body["error"]["message"]
+    small_limit = serve(max_pixels=8 * 8)
+    status, _ = _request(small_limit + "/score", encode_request(random_images(1, size=9), ["a"]))
+    assert status == 413
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.putrequest("POST", "/v1/score")
+    conn.putheader("Content-Length", "abc")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and b"Content-Length" in resp.read()
+    conn.close()
+    assert remote(url)(random_images(2), ["a", "b"])[0].shape == (2,)  # still serving
+
+
+def test_non_loopback_server_needs_a_token():
+    from rewards.remote import make_remote_server
+
+    with pytest.raises(ValueError, match="reachable from other machines and no api_key"):
+        make_remote_server(brightness, "0.0.0.0", 0)
+
+
+def test_declared_size_is_checked_before_decoding():
+    from rewards.remote import TooLarge, decode_image
+
+    with pytest.raises(TooLarge, match="image of 5000x5000 pixels; at most 1000000"):
+        decode_image(_png_declaring(5000, 5000), 1000 * 1000)  # under PIL's own limit: ours refuses it
