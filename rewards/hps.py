@@ -17,8 +17,7 @@ eps 1e-5), since head counts cannot be read from tensor shapes. The tokenizer is
 of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the same BPE vocabulary and special tokens as open_clip's).
 
 Files are read locally only: ``hf download xswu/HPSv2 HPS_v2.1_compressed.pt`` (or
-``$DENOISE_GYM_HPS_CHECKPOINT``) and ``hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (tokenizer
-files only are used).
+``$DENOISE_GYM_HPS_CHECKPOINT``) and the CLIP-H tokenizer files (the command is in the error when absent).
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from rewards.aesthetic import CLIP_MEAN, CLIP_STD
 from rewards.base import RewardInfo, as_float_images
 from rewards.clip_common import ClipTextImage
 from rewards.hub import resolve_file
-from rewards.pickscore import PICKSCORE_PROCESSOR, load_tokenizer
+from rewards.pickscore import CLIP_TOKENIZER_FILES, PICKSCORE_PROCESSOR, load_tokenizer
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -225,7 +224,8 @@ class HPSv2Reward:
             raise ValueError(f"version={version!r}; expected one of {sorted(HPS_FILES)}")
         if not isinstance(arch, OpenClipArch):
             raise ValueError(f"arch is {type(arch).__name__}; expected an OpenClipArch")
-        tok = load_tokenizer(tokenizer, what="HPS tokenizer (CLIP-H)", arg="tokenizer", cache_dir=cache_dir)
+        tok = load_tokenizer(tokenizer, what="HPS tokenizer (CLIP-H)", arg="tokenizer", cache_dir=cache_dir,
+                             files=CLIP_TOKENIZER_FILES)  # fmt: skip
         if checkpoint is None or isinstance(checkpoint, (str, os.PathLike)):
             path = resolve_file(checkpoint, repo_id=HPS_REPO, filename=HPS_FILES[version],
                                 what=f"HPS{version} checkpoint", env=HPS_ENV, arg="checkpoint",

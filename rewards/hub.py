@@ -66,11 +66,14 @@ def from_pretrained_local(
     what: str,
     arg: str,
     cache_dir: str | os.PathLike | None = None,
+    files: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> Any:
     """``cls.from_pretrained(name_or_path, local_files_only=True)`` with one clear error when absent.
 
-    ``cls`` is any transformers class (a model, ``AutoTokenizer``, ``AutoImageProcessor``).
+    ``cls`` is any transformers class (a model, ``AutoTokenizer``, ``AutoImageProcessor``). ``files``:
+    the only files needed from the repo (e.g. a tokenizer's), named in the download command so that
+    it does not fetch the whole repository.
     """
     name = str(name_or_path)
     try:
@@ -79,7 +82,7 @@ def from_pretrained_local(
         if _looks_like_path(name):
             how = f"expected an existing local directory with a saved {what}"
         else:
-            how = f"get it with `{download_command(name)}`"
+            how = f"get it with `{download_command(name, ' '.join(files) or None)}`"
         raise MissingModelError(
             f"{what} {name!r} is neither a loadable local directory nor in the Hugging Face cache "
             f"({type(e).__name__}); {how}, or pass {arg}=<local directory or loaded object>."

@@ -22,7 +22,8 @@ package, whose pinned dependencies would replace the user's torch/transformers, 
 (ViT-L/16: width 1024, 24 blocks, 16 heads, LayerNorm eps 1e-6; BERT-base: 768, 12, 12, eps 1e-12).
 
 Files are read locally only: ``hf download THUDM/ImageReward ImageReward.pt`` (or
-``$DENOISE_GYM_IMAGE_REWARD_CHECKPOINT``) and ``hf download google-bert/bert-base-uncased`` (tokenizer).
+``$DENOISE_GYM_IMAGE_REWARD_CHECKPOINT``) and ``hf download google-bert/bert-base-uncased config.json
+tokenizer.json tokenizer_config.json vocab.txt`` (the tokenizer).
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def load_blip_tokenizer(name_or_path: Any = IMAGE_REWARD_TOKENIZER, *, cache_dir
     from transformers import AutoTokenizer
 
     tok = from_pretrained_local(AutoTokenizer, name_or_path, what="ImageReward tokenizer (bert-base-uncased)",
-                                arg="tokenizer", cache_dir=cache_dir)  # fmt: skip
+                                arg="tokenizer", cache_dir=cache_dir,
+                                files=("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt"))  # fmt: skip
     tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tok
 

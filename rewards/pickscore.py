@@ -13,8 +13,9 @@ group (the model card's "probabilities" compare images of one prompt, which a pe
 does not).
 
 Weights are read from a local directory or the HF cache only:
-``hf download yuvalkirstain/PickScore_v1`` and ``hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
-(only its tokenizer files are used: add ``--include "*.json" "*.txt"`` to skip the weights).
+``hf download yuvalkirstain/PickScore_v1`` and, for the tokenizer only (not the 4 GB of weights),
+``hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K config.json tokenizer.json tokenizer_config.json
+vocab.json merges.txt special_tokens_map.json`` (the missing-weights error prints this command).
 """
 
 from __future__ import annotations
@@ -42,13 +43,19 @@ def load_clip_model(name_or_path: Any, *, what: str, arg: str, cache_dir: str | 
     return from_pretrained_local(CLIPModel, name_or_path, what=what, arg=arg, cache_dir=cache_dir).eval()
 
 
-def load_tokenizer(name_or_path: Any, *, what: str, arg: str, cache_dir: str | os.PathLike | None = None):
-    """A tokenizer given as an object, a local directory or an HF repo id in the cache."""
+CLIP_TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                        "special_tokens_map.json")  # fmt: skip
+
+
+def load_tokenizer(name_or_path: Any, *, what: str, arg: str, cache_dir: str | os.PathLike | None = None,
+                   files: tuple[str, ...] = ()):  # fmt: skip
+    """A tokenizer given as an object, a local directory or an HF repo id in the cache (``files``: the
+    tokenizer files to name in the download command when it is absent)."""
     if not isinstance(name_or_path, (str, os.PathLike)):
         return name_or_path
     from transformers import AutoTokenizer
 
-    return from_pretrained_local(AutoTokenizer, name_or_path, what=what, arg=arg, cache_dir=cache_dir)
+    return from_pretrained_local(AutoTokenizer, name_or_path, what=what, arg=arg, cache_dir=cache_dir, files=files)
 
 
 class PickScoreReward:
@@ -73,7 +80,7 @@ class PickScoreReward:
     ):
         # the tokenizer first: it is small, so a missing one is reported before loading 1 GB of weights
         tok = load_tokenizer(tokenizer, what="PickScore tokenizer (CLIP-H processor)", arg="tokenizer",
-                             cache_dir=cache_dir)  # fmt: skip
+                             cache_dir=cache_dir, files=CLIP_TOKENIZER_FILES)  # fmt: skip
         clip = load_clip_model(model, what="PickScore CLIPModel", arg="model", cache_dir=cache_dir)
         self.scorer = ClipTextImage(clip, tok, device=device, batch_size=batch_size)
 

@@ -138,7 +138,7 @@ def test_clip_rewards_load_from_directories_and_registry(tmp_path):
 
 
 def test_clip_rewards_missing_weights_name_the_repo_and_command(tmp_path):
-    with pytest.raises(MissingModelError, match=rf"hf download {PICKSCORE_PROCESSOR}"):
+    with pytest.raises(MissingModelError, match=rf"hf download {PICKSCORE_PROCESSOR} config.json tokenizer.json tokenizer_config.json vocab.json merges.txt special_tokens_map.json`"):
         PickScoreReward(cache_dir=tmp_path)
     tok_dir = tmp_path / "tok"
     tiny_tokenizer().save_pretrained(tok_dir)

@@ -149,7 +149,7 @@ def test_image_reward_registry_and_missing_weights(tmp_path, monkeypatch):
     monkeypatch.delenv(IMAGE_REWARD_ENV)
     with pytest.raises(MissingModelError, match=rf"ImageReward.pt.*hf download {IMAGE_REWARD_REPO} ImageReward.pt"):
         ImageRewardReward(tokenizer=tok, arch=ARCH, cache_dir=tmp_path)
-    with pytest.raises(MissingModelError, match=rf"hf download {IMAGE_REWARD_TOKENIZER}"):
+    with pytest.raises(MissingModelError, match=rf"hf download {IMAGE_REWARD_TOKENIZER} config.json tokenizer.json tokenizer_config.json vocab.txt`"):
         ImageRewardReward(cache_dir=tmp_path)
     with pytest.raises(MissingModelError, match="does not exist"):
         ImageRewardReward(tmp_path / "nope.pt", tokenizer=tok, arch=ARCH)
