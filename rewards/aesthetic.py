@@ -13,11 +13,11 @@ Pipeline, all in torch on the model's device, batched, with no PIL round trip:
 Weights are read from local files only (never downloaded here):
 
 - CLIP: a local directory or a Hugging Face repo id already in the HF cache
-  (``huggingface-cli download openai/clip-vit-large-patch14``);
+  (``hf download openai/clip-vit-large-patch14``);
 - head: an explicit path, else the file named by the ``DENOISE_GYM_AESTHETIC_HEAD`` environment
   variable, else ``sac+logos+ava1-l14-linearMSE.pth`` from the HF repo
   ``camenduru/improved-aesthetic-predictor`` if it is in the HF cache
-  (``huggingface-cli download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth``).
+  (``hf download camenduru/improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE.pth``).
 
 A missing file raises :class:`rewards.base.MissingModelError` saying which and how to get it.
 """
@@ -128,7 +128,7 @@ def resolve_head_path(
     except Exception as e:  # LocalEntryNotFoundError and friends
         raise MissingModelError(
             f"aesthetic head {filename!r} of {repo_id!r} is not in the Hugging Face cache "
-            f"({type(e).__name__}). Get it with `huggingface-cli download {repo_id} {filename}`, "
+            f"({type(e).__name__}). Get it with `hf download {repo_id} {filename}`, "
             f"or set {HEAD_ENV}=/path/to/{filename}, or pass head=<path>."
         ) from e
 
@@ -155,7 +155,7 @@ def load_clip(name_or_path: str | os.PathLike = DEFAULT_CLIP, *, cache_dir: str 
         how = (
             "expected an existing local directory with a saved CLIPModel"
             if looks_like_path or Path(name).exists()
-            else f"get it with `huggingface-cli download {name}`"
+            else f"get it with `hf download {name}`"
         )
         raise MissingModelError(
             f"CLIP model {name!r} is neither a loadable local directory nor in the Hugging Face cache; "

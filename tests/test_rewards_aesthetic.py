@@ -115,7 +115,7 @@ def test_end_to_end_tiny_clip_with_real_head_matches_reference():
 
 def test_head_resolution_order_env_then_hf_cache(tmp_path, monkeypatch):
     monkeypatch.delenv(HEAD_ENV, raising=False)
-    with pytest.raises(MissingModelError, match=rf"huggingface-cli download {DEFAULT_HEAD_REPO}.*{HEAD_ENV}"):
+    with pytest.raises(MissingModelError, match=rf"hf download {DEFAULT_HEAD_REPO}.*{HEAD_ENV}"):
         resolve_head_path(cache_dir=tmp_path)
     # a fake HF cache entry holding a (tiny) head
     snap = tmp_path / f"models--{DEFAULT_HEAD_REPO.replace('/', '--')}" / "snapshots" / "abc123"
@@ -230,7 +230,7 @@ def test_reward_bad_inputs(tmp_path):
         reward(torch.zeros(2, 3, 32, 32), ["only one"])
     with pytest.raises(ValueError, match=r"expected \[B, 3, H, W\]"):
         reward(torch.zeros(2, 1, 32, 32), ["a", "b"])
-    with pytest.raises(MissingModelError, match="huggingface-cli download openai/clip-vit-large-patch14"):
+    with pytest.raises(MissingModelError, match="hf download openai/clip-vit-large-patch14"):
         load_clip("openai/clip-vit-large-patch14", cache_dir=tmp_path)
     with pytest.raises(MissingModelError, match="existing local directory"):
         load_clip(str(tmp_path / "no" / "such" / "dir"), cache_dir=tmp_path)
