@@ -11,7 +11,17 @@ What is measured, on random uint8 images, batch by batch (``--batch`` images per
   published one when ``../shared/assets`` has it, else random;
 - ``prompt_alignment``: PNG data URLs → local chat-completions server on 127.0.0.1 → offline MiniLM
   BERTScore recall. The server's describe function is a trivial colour describer (labelled), plus the
-  tiny world's captioner at 32x32.
+  tiny world's captioner at 32x32;
+- ``pickscore`` / ``clip_score`` / ``hpsv2`` / ``image_reward``: the full pipelines (preprocessing at 224,
+  tokenisation, both towers, scoring) on *tiny random models of the published classes* (CLIP width 32,
+  BLIP ViT width 32 + BERT width 32), labelled as such: pipeline overhead, not CLIP-H / BLIP-L speed;
+- ``ocr``: the *real* PP-OCRv4 models shipped in the rapidocr_onnxruntime wheel, on images with a
+  word rendered in them, with RapidOCR's default detector size (short side scaled to 736) and with
+  ``det_limit_type="max", det_limit_side_len=320``;
+- ``vlm_judge``: local chat-completions server answering yes/no with log-probabilities (canned judge);
+- ``remote``: loopback reward server (``rewards.remote``) with ``jpeg_compressibility`` behind it.
+
+``--only NAME ...`` measures a subset (e.g. ``--only pickscore hpsv2 ocr``).
 """
 
 from __future__ import annotations
@@ -76,6 +86,64 @@ def tiny_clip():
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)).eval()
 
 
+def tiny_letter_tokenizer():
+    """A CLIP BPE tokenizer over letters only (ids 0-51, start 52, end 53): no files needed."""
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({c + "</w>": 26 + i for i, c in enumerate(letters)})
+    vocab.update({"<|startoftext|>": 52, "<|endoftext|>": 53})
+    return CLIPTokenizer(vocab=vocab, merges=[])
+
+
+def tiny_text_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(vocab_size=54, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=52, eos_token_id=53, pad_token_id=53)  # fmt: skip
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=224, patch_size=32)  # fmt: skip
+    torch.manual_seed(0)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)).eval()
+
+
+def tiny_image_reward():
+    from transformers import BertTokenizer
+
+    from rewards.aesthetic import AestheticHead
+    from rewards.image_reward import BlipArch, ImageRewardModel
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a red picture of cat dog".split()]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tok.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    arch = BlipArch(image_size=224, patch_size=32, vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64,
+                    vocab_size=len(tok), text_width=32, text_layers=2, text_heads=2, text_mlp=64, max_positions=40)  # fmt: skip
+    torch.manual_seed(0)
+    vision, text = arch.build()
+    return ImageRewardModel(vision, text, AestheticHead(32)), tok
+
+
+def text_images(batch: int, size: int, word: str = "HELLO") -> torch.Tensor:
+    from PIL import ImageDraw, ImageFont
+
+    im = Image.new("RGB", (size, size), "white")
+    ImageDraw.Draw(im).text((size // 16, size // 3), word, fill="black",
+                            font=ImageFont.load_default(size=max(6, size // 6)))  # fmt: skip
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).unsqueeze(0).repeat(batch, 1, 1, 1).contiguous()
+
+
+def canned_judge(payload: dict) -> tuple[int, bytes]:
+    import json
+
+    from rewards.server import completion_body
+
+    body = completion_body("Yes", "judge")
+    alts = [{"token": "Yes", "logprob": -0.1}, {"token": "No", "logprob": -2.4}]
+    body["choices"][0]["logprobs"] = {"content": [{"token": "Yes", "logprob": -0.1, "top_logprobs": alts}]}
+    return 200, json.dumps(body).encode()
+
+
 def colour_describe(batch: torch.Tensor) -> list[str]:
     names = ["red", "green", "blue"]
     return [f"a {names[int(im.float().mean(dim=(1, 2)).argmax())]} picture" for im in batch]
@@ -90,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
         "--torch-threads", type=int, default=None,
         help="torch.set_num_threads (default: torch's own; 1 is faster on a busy machine)",
     )  # fmt: skip
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="measure only these rewards (jpeg_compressibility aesthetic prompt_alignment pickscore "
+                             "clip_score hpsv2 image_reward ocr vlm_judge remote)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
@@ -101,16 +172,75 @@ def main(argv: list[str] | None = None) -> None:
     cores = os.cpu_count() or 1
     print(f"torch {torch.__version__}, {cores} CPU cores, torch threads {torch.get_num_threads()}, "
           f"batch {args.batch}, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
-    head = load_aesthetic_head(HEAD) if HEAD.is_file() else AestheticHead(768)
-    head_label = "published head" if HEAD.is_file() else "random head"
-    aesthetic = AestheticReward(clip_model=tiny_clip(), head=head)
-    scorer = make_bert_scorer("minilm", device="cpu")
-    colour = TinyPromptAlignment(colour_describe, scorer=scorer, max_concurrency=8)
-    tiny_world = None
-    try:
-        tiny_world = TinyPromptAlignment(scorer=scorer, max_concurrency=8)
-    except ImportError:
-        pass
+    names = ("jpeg_compressibility", "aesthetic", "prompt_alignment", "pickscore", "clip_score", "hpsv2",
+             "image_reward", "ocr", "vlm_judge", "remote")  # fmt: skip
+    only = set(args.only or names)
+    unknown = only - set(names)
+    if unknown:
+        parser.error(f"--only {sorted(unknown)}; expected names among {list(names)}")
+    closers: list[Callable[[], object]] = []
+    measured: list[tuple[str, Callable[..., object], Callable[[int], bool]]] = []  # (label, reward, size filter)
+    every = lambda size: True  # noqa: E731
+    if "aesthetic" in only:
+        head = load_aesthetic_head(HEAD) if HEAD.is_file() else AestheticHead(768)
+        head_label = "published head" if HEAD.is_file() else "random head"
+        measured.append((f"aesthetic [TINY RANDOM CLIP, {head_label}]",
+                         AestheticReward(clip_model=tiny_clip(), head=head), every))  # fmt: skip
+    if "prompt_alignment" in only:
+        scorer = make_bert_scorer("minilm", device="cpu")
+        colour = TinyPromptAlignment(colour_describe, scorer=scorer, max_concurrency=8)
+        closers.append(colour.close)
+        measured.append(("prompt_alignment [local server, colour describer, MiniLM]", colour, every))
+        try:
+            tiny_world = TinyPromptAlignment(scorer=scorer, max_concurrency=8)
+            closers.append(tiny_world.close)
+            measured.append(("prompt_alignment [local server, tiny world captioner, MiniLM]", tiny_world,
+                             lambda size: size <= 64))  # fmt: skip
+        except ImportError:
+            pass
+    if "pickscore" in only:
+        from rewards.pickscore import PickScoreReward
+
+        measured.append(("pickscore [TINY RANDOM CLIPModel, 224 input]",
+                         PickScoreReward(model=tiny_text_clip(), tokenizer=tiny_letter_tokenizer()), every))  # fmt: skip
+    if "clip_score" in only:
+        from rewards.clip_score import ClipScoreReward
+
+        measured.append(("clip_score [TINY RANDOM CLIPModel, 224 input]",
+                         ClipScoreReward(model=tiny_text_clip(), tokenizer=tiny_letter_tokenizer()), every))  # fmt: skip
+    if "hpsv2" in only:
+        from rewards.hps import HPSv2Reward
+
+        measured.append(("hpsv2 [TINY RANDOM CLIPModel, 224 input, resize-max preprocessing]",
+                         HPSv2Reward(tiny_text_clip(), tokenizer=tiny_letter_tokenizer()), every))  # fmt: skip
+    if "image_reward" in only:
+        from rewards.image_reward import ImageRewardReward
+
+        model, tok = tiny_image_reward()
+        measured.append(("image_reward [TINY RANDOM BLIP ViT + BERT, 224 input]",
+                         ImageRewardReward(model, tokenizer=tok), every))  # fmt: skip
+    ocr_rewards = []
+    if "ocr" in only:
+        from rewards.ocr import OcrReward
+
+        ocr_rewards = [("ocr [REAL PP-OCRv4 from the wheel, default det size 736]", OcrReward()),
+                       ("ocr [REAL PP-OCRv4 from the wheel, det_limit max 320]",
+                        OcrReward(det_limit_type="max", det_limit_side_len=320))]  # fmt: skip
+    if "vlm_judge" in only:
+        from rewards.server import serve_in_thread
+        from rewards.vlm_judge import VlmJudgeReward
+
+        url, stop = serve_in_thread(lambda b: ["unused"] * len(b), intercept=canned_judge)
+        judge = VlmJudgeReward(url, "judge", api_key="", max_concurrency=8)
+        closers += [judge.close, stop]
+        measured.append(("vlm_judge [local server, canned yes/no with log-probs]", judge, every))
+    if "remote" in only:
+        from rewards.remote import RemoteReward, serve_reward_in_thread
+
+        url, stop = serve_reward_in_thread(make_reward("jpeg_compressibility"))
+        remote = RemoteReward(url, api_key="", max_batch=8)
+        closers += [remote.close, stop]
+        measured.append(("remote [loopback server, jpeg_compressibility behind it, 8 per request]", remote, every))
     jpeg = make_reward("jpeg_compressibility")
 
     rows: list[tuple[str, int, float]] = []
@@ -120,26 +250,27 @@ def main(argv: list[str] | None = None) -> None:
             arrays = list(x.permute(0, 2, 3, 1).contiguous().numpy())
             prompts = ["a red picture"] * args.batch
             timing = (args.batch, args.seconds)
-            rows.append(("jpeg_compressibility (reward, module thread pool)", size, rate(jpeg, (x, prompts), *timing)))
-            for workers in sorted({1, cores}):
-                with ThreadPoolExecutor(workers) as pool:
-                    path = "fd" if size * size >= FD_MIN_PIXELS else "BytesIO"
-                    r = rate(_encode_ours, (pool, arrays), *timing)
-                    rows.append((f"  JPEG encode, rewards.jpeg ({path} path), {workers} thread(s)", size, r))
-                    if path == "fd":
-                        r = rate(_encode_bytesio, (pool, arrays), *timing)
-                        rows.append((f"  JPEG encode, BytesIO path (GIL held), {workers} thread(s)", size, r))
-            r = rate(aesthetic, (x, prompts), *timing)
-            rows.append((f"aesthetic [TINY RANDOM CLIP, {head_label}]", size, r))
-            r = rate(colour, (x, prompts), *timing)
-            rows.append(("prompt_alignment [local server, colour describer, MiniLM]", size, r))
-            if tiny_world is not None and size <= 64:
-                r = rate(tiny_world, (x, prompts), *timing)
-                rows.append(("prompt_alignment [local server, tiny world captioner, MiniLM]", size, r))
+            if "jpeg_compressibility" in only:
+                rows.append(("jpeg_compressibility (reward, module thread pool)", size,
+                             rate(jpeg, (x, prompts), *timing)))  # fmt: skip
+                for workers in sorted({1, cores}):
+                    with ThreadPoolExecutor(workers) as pool:
+                        path = "fd" if size * size >= FD_MIN_PIXELS else "BytesIO"
+                        r = rate(_encode_ours, (pool, arrays), *timing)
+                        rows.append((f"  JPEG encode, rewards.jpeg ({path} path), {workers} thread(s)", size, r))
+                        if path == "fd":
+                            r = rate(_encode_bytesio, (pool, arrays), *timing)
+                            rows.append((f"  JPEG encode, BytesIO path (GIL held), {workers} thread(s)", size, r))
+            for label, fn, keep in measured:
+                if keep(size):
+                    rows.append((label, size, rate(fn, (x, prompts), *timing)))
+            if ocr_rewards:
+                tx = text_images(args.batch, size)
+                for label, fn in ocr_rewards:
+                    rows.append((label, size, rate(fn, (tx, ['a sign that says "hello"'] * args.batch), *timing)))
     finally:
-        colour.close()
-        if tiny_world is not None:
-            tiny_world.close()
+        for close in closers:
+            close()
 
     width = max(len(name) for name, _, _ in rows)
     print(f"{'reward'.ljust(width)}  {'size':>7}  {'rewards/s':>10}")

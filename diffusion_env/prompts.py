@@ -8,6 +8,8 @@ Named sets (DDPO paper, appendix A.4 and A.7):
 - ``animal_activities``: those animals × {"riding a bike", "playing chess", "washing dishes"}
   (prompt alignment), e.g. "a cat riding a bike".
 - ``tiny_train`` / ``tiny_heldout``: the embedded tiny world's training and held-out captions.
+- ``ocr_words``: text-rendering prompts for the OCR reward, each asking for one quoted word or phrase
+  (``OCR_WORDS``) in one of ``OCR_TEMPLATES`` (signs, shirts, covers), as OCR benchmarks phrase them.
 
 A prompt distribution is built once per environment by :func:`make_prompt_sampler` and then drawn
 from with each sub-environment's own ``np.random.Generator``, so prompts are seeded like everything else.
@@ -42,6 +44,17 @@ SIMPLE_ANIMALS: tuple[str, ...] = (
 
 ACTIVITIES: tuple[str, ...] = ("riding a bike", "playing chess", "washing dishes")
 
+OCR_WORDS: tuple[str, ...] = (
+    "OPEN", "HELLO", "COFFEE", "STOP", "SALE", "WELCOME", "BAKERY", "EXIT", "LOVE", "PIZZA",
+    "HOTEL", "MUSIC", "DREAM", "GARDEN", "RIVER", "SUMMER", "PEACE", "NO PARKING", "FRESH BREAD", "GOOD LUCK",
+)  # fmt: skip
+OCR_TEMPLATES: tuple[str, ...] = (
+    'a storefront sign that says "{}"',
+    'a white t-shirt with the word "{}" printed on it',
+    'a neon sign reading "{}" on a brick wall',
+    'a book cover with the title "{}"',
+)
+
 
 @lru_cache(maxsize=1)
 def imagenet_classes() -> tuple[str, ...]:
@@ -66,6 +79,10 @@ def animal_activities() -> tuple[str, ...]:
     return tuple(f"{_article(a)} {a} {act}" for a in SIMPLE_ANIMALS for act in ACTIVITIES)
 
 
+def ocr_words() -> tuple[str, ...]:
+    return tuple(t.format(w) for w in OCR_WORDS for t in OCR_TEMPLATES)
+
+
 def _tiny(split: str) -> tuple[str, ...]:
     from rewards.tinyworld import world
 
@@ -76,6 +93,7 @@ PROMPT_SETS: dict[str, Callable[[], Sequence[str]]] = {
     "imagenet_animals": imagenet_animals,
     "simple_animals": lambda: SIMPLE_ANIMALS,
     "animal_activities": animal_activities,
+    "ocr_words": ocr_words,
     "tiny_train": lambda: _tiny("train"),
     "tiny_heldout": lambda: _tiny("heldout"),
 }

@@ -1,7 +1,8 @@
 """Registered environment IDs (imported by ``import diffusion_env``).
 
 ``Denoise-SD14-*``: the DDPO paper's tasks on Stable Diffusion v1.4 (512×512, 50 DDIM steps, η = 1,
-guidance 5). ``Denoise-Tiny-*``: the same tasks on the embedded tiny model (32×32, 20 steps), which
+guidance 5), and the same set-up with the preference rewards PickScore, HPSv2.1 and ImageReward on the
+``animal_activities`` prompts. ``Denoise-Tiny-*``: the same tasks on the embedded tiny model (32×32, 20 steps), which
 runs on a CPU in minutes. Every keyword below can be overridden through ``gym.make``/``gym.make_vec``.
 """
 
@@ -22,6 +23,10 @@ SD14_TASKS = {
     "Compressibility": dict(reward="jpeg_compressibility", prompts="imagenet_animals"),
     "Incompressibility": dict(reward="jpeg_incompressibility", prompts="imagenet_animals"),
     "PromptAlignment": dict(reward="prompt_alignment", prompts="animal_activities"),
+    # human-preference rewards the field trains on (weights: see rewards.pickscore / hps / image_reward)
+    "PickScore": dict(reward="pickscore", prompts="animal_activities"),
+    "HPS": dict(reward="hpsv2", prompts="animal_activities"),
+    "ImageReward": dict(reward="image_reward", prompts="animal_activities"),
 }
 TINY_TASKS = {
     "Compressibility": dict(reward="jpeg_compressibility", prompts="tiny_train"),

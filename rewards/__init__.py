@@ -32,9 +32,16 @@ from rewards.base import (
     reward_name,
     score_batch,
 )
+from rewards.clip_score import ClipScoreReward
 from rewards.composite import CallableReward, WeightedSum
+from rewards.hps import HPSv2Reward
+from rewards.image_reward import ImageRewardReward
 from rewards.jpeg import JpegCompressibility, JpegIncompressibility, jpeg_size_kb
+from rewards.ocr import OcrReward
+from rewards.pickscore import PickScoreReward
+from rewards.remote import RemoteReward, serve_reward_in_thread
 from rewards.server import serve_in_thread
+from rewards.vlm_judge import VlmJudgeReward
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
 
@@ -84,22 +91,36 @@ register_reward("weighted_sum", WeightedSum)
 register_reward("aesthetic", AestheticReward)
 register_reward("prompt_alignment", PromptAlignmentReward)
 register_reward("tiny_prompt_alignment", TinyPromptAlignment)
+register_reward("pickscore", PickScoreReward)
+register_reward("hpsv2", HPSv2Reward)
+register_reward("image_reward", ImageRewardReward)
+register_reward("clip_score", ClipScoreReward)
+register_reward("ocr", OcrReward)
+register_reward("vlm_judge", VlmJudgeReward)
+register_reward("remote", RemoteReward)
 
 __all__ = [
     "AestheticHead",
     "AestheticReward",
     "AsyncRewardEvaluator",
     "CallableReward",
+    "ClipScoreReward",
+    "HPSv2Reward",
+    "ImageRewardReward",
+    "PickScoreReward",
     "ChatCompletionsClient",
     "JpegCompressibility",
     "JpegIncompressibility",
     "MissingModelError",
+    "OcrReward",
     "PromptAlignmentReward",
     "RewardError",
     "RewardFn",
     "RewardHandle",
+    "RemoteReward",
     "RewardServerError",
     "TinyPromptAlignment",
+    "VlmJudgeReward",
     "WeightedSum",
     "as_float_images",
     "as_uint8_images",
@@ -115,4 +136,5 @@ __all__ = [
     "reward_name",
     "score_batch",
     "serve_in_thread",
+    "serve_reward_in_thread",
 ]

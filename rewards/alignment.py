@@ -229,13 +229,20 @@ class ChatCompletionsClient:
         except (ConnectionError, http.client.HTTPException, OSError) as e:
             raise _Retryable(f"connection to {self.url} failed: {type(e).__name__}: {e}") from e
         try:
-            return parse_completion(raw)
+            return self.parse_response(raw)
         except ValueError as e:
             raise _Retryable(f"malformed response from {self.url}: {e}") from e
 
+    def parse_response(self, raw: bytes) -> Any:
+        """Hook: what a response body yields (here the assistant text); ValueError when malformed."""
+        return parse_completion(raw)
+
     def _describe_one(self, image_chw: torch.Tensor) -> str:
         image_hwc = image_chw.permute(1, 2, 0).contiguous().numpy()  # in the worker: copies run in parallel
-        body = self.request_body(image_to_data_url(image_hwc, self.png_compress_level))
+        return self._post_with_retries(self.request_body(image_to_data_url(image_hwc, self.png_compress_level)))
+
+    def _post_with_retries(self, body: bytes) -> Any:
+        """POST ``body`` with the retry policy of the module docstring; raises _Retryable/_Fatal."""
         for attempt in range(self.max_retries + 1):
             try:
                 return self._post_once(body)

@@ -355,3 +355,16 @@ def test_improvement_report_reads_preset_runs_only(tmp_path):
     assert len(json.loads((out / "improvement.json").read_text())) == 3
     with pytest.raises(SystemExit):
         main(["--runs", str(tmp_path), "--tasks", "Incompressibility", "--report", str(out)])
+
+
+def test_reward_throughput_measures_the_chosen_rewards(capsys):
+    from benchmarks import reward_throughput
+
+    reward_throughput.main(["--only", "pickscore", "image_reward", "remote", "--sizes", "16", "--batch", "2",
+                            "--seconds", "0.05"])  # fmt: skip
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split("[")[0].strip(): float(line.split()[-1]) for line in lines if "[" in line and "16x16" in line}
+    assert set(rows) == {"pickscore", "image_reward", "remote"} and all(r > 0 for r in rows.values())
+    assert any("TINY RANDOM" in line for line in lines if line.startswith("pickscore"))
+    with pytest.raises(SystemExit):
+        reward_throughput.main(["--only", "geneval"])

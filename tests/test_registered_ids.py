@@ -10,6 +10,13 @@ import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 from test_rewards_aesthetic import REAL_HEAD, random_head, tiny_clip
+from test_rewards_clip_family import ARCH as HPS_ARCH
+from test_rewards_clip_family import open_clip_state_dict
+from test_rewards_clip_family import tiny_clip as tiny_text_clip
+from test_rewards_clip_family import tiny_tokenizer as tiny_clip_tokenizer
+from test_rewards_image_reward import ARCH as BLIP_ARCH
+from test_rewards_image_reward import checkpoint_and_text_model
+from test_rewards_image_reward import tiny_tokenizer as tiny_bert_tokenizer
 
 import diffusion_env
 from diffusion_env import TINY_MODEL_PATH
@@ -36,6 +43,13 @@ def _kwargs(env_id, tiny_sd, vlm_server):
     if "Aesthetic" in env_id:
         head = torch.load(REAL_HEAD, map_location="cpu", weights_only=True) if REAL_HEAD.is_file() else random_head(768)
         kw["reward_kwargs"] = dict(clip_model=tiny_clip(768), head=head)
+    if "PickScore" in env_id:
+        kw["reward_kwargs"] = dict(model=tiny_text_clip(), tokenizer=tiny_clip_tokenizer())
+    if "-HPS-" in env_id:
+        kw["reward_kwargs"] = dict(checkpoint=open_clip_state_dict(), tokenizer=tiny_clip_tokenizer(), arch=HPS_ARCH)
+    if "ImageReward" in env_id:
+        kw["reward_kwargs"] = dict(checkpoint=checkpoint_and_text_model()[0], tokenizer=tiny_bert_tokenizer(),
+                                   arch=BLIP_ARCH)  # fmt: skip
     if "PromptAlignment" in env_id:
         kw["reward_kwargs"] = dict(base_url=vlm_server, model="tiny-vlm", api_key="", bertscore_model=MINILM)
     return kw
@@ -43,6 +57,8 @@ def _kwargs(env_id, tiny_sd, vlm_server):
 
 def test_all_paper_tasks_registered():
     for task in ("Aesthetic", "Compressibility", "Incompressibility", "PromptAlignment"):
+        assert f"Denoise-SD14-{task}-v0" in ALL_IDS
+    for task in ("PickScore", "HPS", "ImageReward"):
         assert f"Denoise-SD14-{task}-v0" in ALL_IDS
     for task in ("Compressibility", "Incompressibility", "PromptAlignment"):
         assert f"Denoise-Tiny-{task}-v0" in ALL_IDS
