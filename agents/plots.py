@@ -215,7 +215,9 @@ def write_tb_hparams(writer: Any, config: dict[str, Any], metrics: Sequence[str]
     listed metrics are the run's scalars; ``SummaryWriter.add_hparams`` would open a second run)."""
     from torch.utils.tensorboard.summary import hparams
 
-    for summary in hparams(hparam_values(config), {m: 0.0 for m in metrics}):
+    from rewards.secrets import redact
+
+    for summary in hparams(hparam_values(redact(config)), {m: 0.0 for m in metrics}):  # no credential on disk
         writer.file_writer.add_summary(summary)
 
 

@@ -151,17 +151,17 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._writer = None
         # One process per run directory for the trainer's whole life (agents/rundir.py); released by close().
-        existed = self.run_dir.exists()
+        created = next((p for p in reversed([self.run_dir, *self.run_dir.parents]) if not p.exists()), None)
         lock = lock_run_dir(self.run_dir) if self.dist.is_main else None
         self._release_lock = weakref.finalize(self, lock.release) if lock is not None else (lambda: None)
         try:
             self._setup(cfg, resume, checkpoint)
         except BaseException:
             self._release_lock()
-            if not existed and self.dist.is_main:  # a failed start leaves no run directory behind
-                leftovers = [p for p in self.run_dir.iterdir() if p.name != LOCK_NAME] if self.run_dir.exists() else []
-                if not leftovers:
-                    shutil.rmtree(self.run_dir, ignore_errors=True)
+            if created is not None and self.dist.is_main:  # a failed start leaves no folder it made behind
+                files = [p for p in created.rglob("*") if p.is_file()] if created.exists() else []
+                if all(p == self.run_dir / LOCK_NAME for p in files):
+                    shutil.rmtree(created, ignore_errors=True)
             raise
 
     def _setup(self, cfg: TrainConfig, resume: bool, checkpoint: str | None) -> None:

@@ -564,7 +564,7 @@ def main(argv=None) -> dict[str, Any]:
     warm = {}
     for side in sides:
         n = args.samples if side.name == "optimised" else side.cfg.sample_batch_size
-        compiling = side.name == "optimised" and side.cfg.compile_unet
+        compiling = side.name == "optimised" and side.cfg.compile_network
         print(f"warm-up {side.name}: one epoch of {n} samples"
               + (" (torch.compile compiles every batch shape: a minute or two)" if compiling else ""), flush=True)  # fmt: skip
         t0 = time.perf_counter()

@@ -78,7 +78,7 @@ def from_pretrained_local(
         if _looks_like_path(name):
             how = f"expected an existing local directory with a saved {what}"
         else:
-            how = f"get it with `{download_command(name, include=files)}`"
+            how = f"get it with `{download_command(name)}{''.join(' ' + f for f in files)}`"
         raise MissingModelError(
             f"{what} {name!r} is neither a loadable local directory nor in the Hugging Face cache "
             f"({type(e).__name__}); {how}, or pass {arg}=<local directory or loaded object>."

@@ -166,7 +166,8 @@ def test_debug_shows_the_traceback_and_keeps_the_code(capsys, tmp_path):
             "--env-kwargs", json.dumps({"model": "nobody-here/no-such-model"}), "--run-dir", str(tmp_path / "r")]
     assert main([*argv, "--debug"]) == errors.EXIT_MISSING_MODEL
     err = capsys.readouterr().err
-    assert "Traceback (most recent call last)" in err and "ModelNotFoundError" in err
+    # MissingDownloadsError: the ModelNotFoundError that lists every missing download at once
+    assert "Traceback (most recent call last)" in err and ("ModelNotFoundError" in err or "MissingDownloadsError" in err)
     assert err.strip().splitlines()[-1].startswith("error: missing model weights")
 
 

@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results = run_all()
+    ids = None  # --write: every registered ID; --compare: the IDs the reference recorded
+    if args.compare:
+        ids = sorted({key.split("|")[0] for key in json.loads(Path(args.compare).read_text())["runs"]})
+    results = run_all(ids)
     if args.write:
         import subprocess
 
