@@ -31,7 +31,6 @@ reads the key from ``api_key_env``/``OPENAI_API_KEY``).
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import json
 import os
 import random
@@ -49,7 +48,14 @@ from typing import Any
 
 import torch
 
-from rewards.base import MissingModelError, RewardInfo, as_uint8_images, check_options, check_prompts
+from rewards.base import (
+    MissingModelError,
+    RewardInfo,
+    as_uint8_images,
+    check_options,
+    check_prompts,
+    is_loopback_host,
+)
 from rewards.downloads import download_command
 from rewards.secrets import resolve_api_key
 from rewards.server import image_to_data_url
@@ -88,17 +94,6 @@ class _Fatal(Exception):
     pass
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check_positive(name: str, value: Any, integer: bool = False, allow_zero: bool = False) -> None:
     kinds = (int,) if integer else (int, float)
     ok = (
@@ -131,6 +126,23 @@ def parse_completion(body: bytes) -> str:
     if not isinstance(content, str):
         raise ValueError(f"response content is {type(content).__name__}; expected a string")
     return content
+
+
+def gather_answers(futures: list) -> tuple[list[Any], dict[int, str]]:
+    """Every future's answer in order (None where it failed) and the failures by index: nothing of a batch
+    is lost to one image's error."""
+    out: list[Any] = []
+    errors: dict[int, str] = {}
+    for i, f in enumerate(futures):
+        try:
+            out.append(f.result())
+        except (_Retryable, _Fatal) as e:
+            out.append(None)
+            errors[i] = str(e)
+        except Exception as e:  # anything unexpected still must not lose the batch
+            out.append(None)
+            errors[i] = f"{type(e).__name__}: {e}"
+    return out, errors
 
 
 class ChatCompletionsClient:
@@ -186,7 +198,7 @@ class ChatCompletionsClient:
         self.temperature = float(temperature)
         self.png_compress_level = png_compress_level
         # environment proxies apply to remote endpoints only; a local server is reached directly
-        handlers = [urllib.request.ProxyHandler({})] if _is_loopback(parsed.hostname) else []
+        handlers = [urllib.request.ProxyHandler({})] if parsed.hostname and is_loopback_host(parsed.hostname) else []
         self._opener = urllib.request.build_opener(*handlers)
         self._pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="vlm")
         self.sleep: Callable[[float], None] = time.sleep  # replaceable in tests
@@ -261,17 +273,7 @@ class ChatCompletionsClient:
         x = as_uint8_images(images)
         prompts = check_prompts(prompts, x.shape[0]) if prompts is not None else None
         futures = [self._pool.submit(self._describe_one, im) for im in x.cpu()]
-        out: list[str | None] = []
-        errors: dict[int, str] = {}
-        for i, f in enumerate(futures):
-            try:
-                out.append(f.result())
-            except (_Retryable, _Fatal) as e:
-                out.append(None)
-                errors[i] = str(e)
-            except Exception as e:  # anything unexpected still must not lose the batch
-                out.append(None)
-                errors[i] = f"{type(e).__name__}: {e}"
+        out, errors = gather_answers(futures)
         if errors:
             first = errors[min(errors)]
             raise RewardServerError(

@@ -15,6 +15,7 @@ a reward returned, so user callables get a clear error instead of a shape mismat
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -184,3 +185,13 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     else:
         expected = "an integer"
     raise ValueError(f"{name}={value!r}; expected {expected}")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

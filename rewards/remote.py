@@ -44,7 +44,6 @@ import base64
 import hmac
 import importlib
 import io
-import ipaddress
 import json
 import math
 import os
@@ -58,7 +57,14 @@ import torch
 from PIL import Image
 
 from rewards.alignment import ChatCompletionsClient, RewardServerError, _Fatal, _Retryable
-from rewards.base import RewardFn, RewardInfo, as_uint8_images, check_prompts, check_reward_output
+from rewards.base import (
+    RewardFn,
+    RewardInfo,
+    as_uint8_images,
+    check_prompts,
+    check_reward_output,
+    is_loopback_host,
+)
 from rewards.server import BadRequest, image_to_data_url
 
 REMOTE_KEY_ENV = "DENOISE_GYM_REMOTE_KEY"
@@ -266,15 +272,6 @@ def _check_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r}; expected a positive int")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def make_remote_server(reward_fn: RewardFn, host: str = "127.0.0.1", port: int = 0, *, name: str | None = None,
                        max_batch: int = 256, max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_PIXELS,
                        api_key: str | None = None, serialise: bool = True, insecure: bool = False) -> _Server:  # fmt: skip
@@ -287,7 +284,7 @@ def make_remote_server(reward_fn: RewardFn, host: str = "127.0.0.1", port: int =
     _check_int("max_batch", max_batch)
     _check_int("max_body_bytes", max_body_bytes)
     _check_int("max_pixels", max_pixels)
-    if not _is_loopback(host) and not api_key and not insecure:
+    if not is_loopback_host(host) and not api_key and not insecure:
         raise ValueError(
             f"host={host!r} is reachable from other machines and no api_key is set; expected a bearer token "
             "(api_key / --api-key-env / --api-key-file) or insecure=True (--insecure) for an open server"

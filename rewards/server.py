@@ -41,7 +41,6 @@ import binascii
 import hmac
 import importlib
 import io
-import ipaddress
 import itertools
 import json
 import os
@@ -58,6 +57,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rewards.base import is_loopback_host
+
 DescribeFn = Callable[[torch.Tensor], list[str]]
 InterceptFn = Callable[[dict], "tuple[int, bytes] | None"]
 LOCAL_MODEL = "local-describe"
@@ -73,16 +74,6 @@ class BadRequest(ValueError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_bind(host: str, token: str | None, insecure: bool = False) -> None:

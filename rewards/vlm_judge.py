@@ -32,7 +32,12 @@ from typing import Any
 
 import torch
 
-from rewards.alignment import ChatCompletionsClient, RewardServerError, _Fatal, _Retryable, parse_completion
+from rewards.alignment import (
+    ChatCompletionsClient,
+    RewardServerError,
+    gather_answers,
+    parse_completion,
+)
 from rewards.base import RewardInfo, as_uint8_images, check_prompts
 from rewards.server import image_to_data_url
 
@@ -136,17 +141,7 @@ class VlmJudgeClient(ChatCompletionsClient):
         x = as_uint8_images(images)
         prompts = check_prompts(prompts, x.shape[0])
         futures = [self._pool.submit(self._ask, im, p) for im, p in zip(x.cpu(), prompts)]
-        out: list[Any] = []
-        errors: dict[int, str] = {}
-        for i, f in enumerate(futures):
-            try:
-                out.append(f.result())
-            except (_Retryable, _Fatal) as e:
-                out.append(None)
-                errors[i] = str(e)
-            except Exception as e:  # anything unexpected still must not lose the batch
-                out.append(None)
-                errors[i] = f"{type(e).__name__}: {e}"
+        out, errors = gather_answers(futures)
         if errors:
             raise RewardServerError(
                 f"{len(errors)} of {len(out)} images got no answer from {self.url}; first error: {errors[min(errors)]}",
