@@ -242,8 +242,10 @@ def test_samples_per_prompt_repeats_prompts(tiny_sd, tmp_path):
 
 
 def test_time_limit_stops_before_an_epoch_that_would_overrun(tiny_sd, tmp_path, monkeypatch):
-    """With 10 s epochs and a 25 s limit, two epochs run (ending at 20 s), not a third ending at 30 s."""
+    """With 10 s epochs and a 25 s limit, two epochs run (ending at 20 s), not a third ending at 30 s; the
+    stop reason names the time limit, not the epochs."""
     import agents.trainer as trainer_mod
+    from agents.progress import describe_stop
 
     clock = [0.0]
     monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
@@ -257,4 +259,6 @@ def test_time_limit_stops_before_an_epoch_that_would_overrun(tiny_sd, tmp_path, 
 
     monkeypatch.setattr(tr, "train_epoch", ten_second_epoch)
     tr.train()
-    assert tr.epoch == 2 and clock[0] <= 25.0
+    assert tr.epoch == 2 and clock[0] <= 25.0 and tr.stop_reason == "time_limit_s"
+    text = describe_stop(tr.stop_reason, tr.cfg, tr.epoch, tr.reward_queries, tr.last_epoch_s)
+    assert "time limit" in text and "2 of --num-epochs 5" in text

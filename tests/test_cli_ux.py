@@ -449,25 +449,3 @@ def test_throughput_heartbeat_prints_while_a_silent_phase_runs():
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert len(lines) >= 2 and all("compiling" in line and "s so far" in line for line in lines)
-
-
-def test_time_limit_stop_is_named(tiny_sd, tmp_path, monkeypatch):
-    """10 s epochs under a 25 s limit: two epochs, and the reason says the time limit, not the epochs."""
-    import agents.trainer as trainer_mod
-    from agents.progress import describe_stop
-
-    clock = [0.0]
-    monkeypatch.setattr(trainer_mod.time, "perf_counter", lambda: clock[0])
-    tr = trainer_mod.Trainer(_cfg(tiny_sd, tmp_path / "run", num_epochs=5, time_limit_s=25.0))
-    real_epoch = tr.train_epoch
-
-    def ten_second_epoch():
-        out = real_epoch()
-        clock[0] += 10.0
-        return out
-
-    monkeypatch.setattr(tr, "train_epoch", ten_second_epoch)
-    tr.train()
-    assert tr.epoch == 2 and tr.stop_reason == "time_limit_s"
-    text = describe_stop(tr.stop_reason, tr.cfg, tr.epoch, tr.reward_queries, tr.last_epoch_s)
-    assert "time limit" in text and "2 of --num-epochs 5" in text

@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 from conftest import make_env
+from test_agents import _CaptureOptimizer
 
 from agents import rwr
 from agents.config import TrainConfig, preset_config
@@ -70,18 +71,6 @@ class _ToyNet(torch.nn.Module):
         return types.SimpleNamespace(sample=self.theta * x + self.w * c)
 
 
-class _Capture:
-    def __init__(self, params):
-        self.params, self.grads = list(params), None
-
-    def step(self):
-        self.grads = [p.grad.clone() for p in self.params]
-
-    def zero_grad(self, set_to_none=True):
-        for p in self.params:
-            p.grad = None
-
-
 def _expected_rwr_grads(net, family, rollout, beta, guidance, seed):
     """The per-prompt-softmax-weighted denoising loss written out directly, and its gradient by autograd.
 
@@ -128,7 +117,7 @@ def test_rwr_gradient_is_the_weighted_loss_on_the_guided_prediction(tiny_sd, cfg
                       rewards=torch.tensor([0.1, -0.3, 0.5, 0.2, -0.2, 0.05]), images=torch.zeros(B, 3, 16, 16))  # fmt: skip
     cfg = TrainConfig(algo="rwr", rwr_beta=4.0, rwr_updates_per_epoch=1, samples_per_epoch=B, sample_batch_size=B,
                       train_batch_size=B, micro_batch_size=4, max_grad_norm=1e12, rwr_cfg_training=cfg_training)  # fmt: skip
-    opt = _Capture(policy.trainable_parameters())
+    opt = _CaptureOptimizer(policy.trainable_parameters())
     rwr.update(policy, opt, rollout, torch.zeros(B), cfg, torch.Generator().manual_seed(9))
     guided = _expected_rwr_grads(net, family, rollout, 4.0, 5.0, 9)
     conditional = _expected_rwr_grads(net, family, rollout, 4.0, 1.0, 9)
