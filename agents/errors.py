@@ -109,7 +109,8 @@ def classify(exc: BaseException, run_dir: str | None = None) -> Failure | None:
             return Failure(one_line(str(e)), EXIT_NO_CHECKPOINT)
     for e in chain:
         if isinstance(e, (ModelNotFoundError, MissingModelError)):
-            return Failure(f"missing model weights: {one_line(str(e))}", EXIT_MISSING_MODEL)
+            # every missing piece with its command, uncut: the line is what the user copies from
+            return Failure(f"missing model weights: {one_line(str(e), 4000)}", EXIT_MISSING_MODEL)
     for e in chain:
         if _is_disk_full(e):
             return Failure(
