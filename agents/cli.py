@@ -73,6 +73,13 @@ def print_outputs(run_dir: Path, *, file=None) -> None:
         print(f"  {'TensorBoard:':36} tensorboard --logdir {shlex.quote(str(run_dir / 'tb'))}", file=file)
 
 
+def new_train_config(options: dict[str, Any], preset: str | None = None) -> TrainConfig:
+    """The config of a new run from the command line's options, on ``preset``'s values when one is named."""
+    options = dict(options)
+    algo = options.pop("algo", TrainConfig.algo)
+    return preset_config(preset, algo, **options) if preset else TrainConfig(algo=algo, **options)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from agents.progress import INTERRUPTED, describe_stop, finished_reason
     from agents.trainer import Trainer
@@ -97,8 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             print_outputs(trainer.run_dir)
             return 0
     else:
-        algo = overrides.get("algo", TrainConfig.algo)
-        cfg = preset_config(args.preset, algo, **overrides) if args.preset else TrainConfig(**overrides)
+        cfg = new_train_config(overrides, args.preset)
         trainer = Trainer(cfg)
     args.locked_run_dir = str(trainer.run_dir)  # for the advice of a failure message
     hint = resume_command(trainer.run_dir, overrides if args.resume else None)

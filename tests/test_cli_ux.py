@@ -449,3 +449,11 @@ def test_throughput_heartbeat_prints_while_a_silent_phase_runs():
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert len(lines) >= 2 and all("compiling" in line and "s so far" in line for line in lines)
+
+
+def test_a_preset_with_an_explicit_algorithm_builds_its_config():
+    from agents.cli import new_train_config
+
+    cfg = new_train_config({"algo": "rwr", "env_id": "Denoise-Tiny-PromptAlignment-v0", "num_epochs": 3}, "tiny")
+    assert (cfg.algo, cfg.num_epochs, cfg.samples_per_prompt) == ("rwr", 3, 8)  # the tiny RWR preset's groups
+    assert new_train_config({"algo": "ddpo-sf"}).algo == "ddpo-sf"
