@@ -90,6 +90,10 @@ def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
         cfg = cfg.replace(samples_per_epoch=n, sample_batch_size=min(cfg.sample_batch_size, n),
                           train_batch_size=min(cfg.train_batch_size, n))  # fmt: skip
     cfg = cfg.replace(num_epochs=math.ceil(args.budget / cfg.samples_per_epoch))
+    world = distributed.context().world_size
+    if (cfg.samples_per_epoch // cfg.sample_batch_size) % world and cfg.samples_per_epoch % world == 0:
+        # Several processes share an epoch by sample batches: smaller lockstep batches, same samples per epoch.
+        cfg = cfg.replace(sample_batch_size=cfg.samples_per_epoch // world)
     return cfg.validate()
 
 
