@@ -35,24 +35,33 @@ def test_load_family_detects_the_layout_and_refuses_another(tiny_sd, tmp_path):
         load_family(tiny_sd, family="flux")
 
 
-def test_text_encoder_runs_once_per_distinct_prompt_in_a_run(tiny_sd, tmp_path):
-    """Sampling, training (every micro-batch), grids and evaluation: each prompt reaches the encoder once."""
+def test_text_encoder_runs_once_per_distinct_prompt_in_a_run(tiny_sd, tmp_path, monkeypatch):
+    """Sampling, training (every micro-batch), grids and evaluation: each prompt reaches an encoder once.
+
+    Every CLIPTextModel call counts (the class is patched), so a grid or evaluation env that loaded its own
+    text encoder would be seen too."""
+    from transformers import CLIPTextModel
+
     prompts = ["a cat", "a dog", "a red circle"]
     cfg = TrainConfig(env_id="Denoise-SD14-Incompressibility-v0", algo="ddpo-is", num_epochs=2, samples_per_epoch=8,
                       sample_batch_size=4, train_batch_size=4, micro_batch_size=3, num_steps=2, num_eval_prompts=2,
                       env_kwargs=dict(model=str(tiny_sd), height=16, width=16, prompts=prompts),
                       run_dir=str(tmp_path / "run"), progress=False)  # fmt: skip
-    trainer = Trainer(cfg)
     encoded = []
-    tok = trainer.env.family.tokenizer
-    trainer.env.family.text_encoder.register_forward_hook(
-        lambda module, args, out: encoded.extend(tok.batch_decode(args[0], skip_special_tokens=True))
-    )
+    forward = CLIPTextModel.forward
+
+    def counting_forward(self, input_ids=None, *args, **kwargs):
+        encoded.extend(input_ids.tolist())
+        return forward(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(CLIPTextModel, "forward", counting_forward)
+    trainer = Trainer(cfg)
     trainer.train()  # grids before and after, two epochs of sampling and training
     evaluate_policy(cfg, trainer.policy, prompts, num_samples=4, batch_size=2)
-    assert len(encoded) == len(set(encoded)), f"a prompt was encoded twice: {sorted(encoded)}"
-    assert len(encoded) <= len(prompts) + 1  # the prompts and the empty (unconditional) prompt
-    assert len(encoded) >= 2  # the hook saw the encoder run at all
+    trainer.close()
+    rows = [tuple(r) for r in encoded]
+    assert len(rows) == len(set(rows)), f"a prompt was encoded twice ({len(rows)} encodings of {len(set(rows))})"
+    assert 2 <= len(rows) <= len(prompts) + 1  # the prompts and the empty (unconditional) prompt
 
 
 # ---------------------------------------------------------------------------------------------- RWR
