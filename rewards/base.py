@@ -16,6 +16,7 @@ a reward returned, so user callables get a clear error instead of a shape mismat
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -195,3 +196,23 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class FollowsImages:
+    """A reward model that lives on ``device``, or (``device=None``) on its own device until images arrive on
+    an accelerator (the env's device), where it then moves once."""
+
+    def _place(self, model: torch.nn.Module, device: Any) -> None:
+        self.follow_images = device is None
+        self.device = torch.device(next(model.parameters()).device if device is None else device)
+        self._move_lock = threading.Lock()
+        self.model = model.eval().to(self.device)
+        self.dtype = next(self.model.parameters()).dtype
+
+    def follow(self, device: torch.device) -> None:
+        """Move the model to ``device`` when following images (``device=None``) and they are not on the CPU."""
+        if self.follow_images and device.type != "cpu" and device != self.device:
+            with self._move_lock:
+                if device != self.device:
+                    self.model.to(device)
+                    self.device = device

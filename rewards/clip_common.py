@@ -20,14 +20,13 @@ HPSv2.1: ``cos``; CLIPScore: ``w * max(cos, 0)``).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from rewards.aesthetic import CLIP_MEAN, CLIP_STD, clip_preprocess
-from rewards.base import as_float_images, check_prompts
+from rewards.base import FollowsImages, as_float_images, check_prompts
 
 Preprocess = Callable[..., torch.Tensor]
 
@@ -36,7 +35,7 @@ def _is_clip(model: Any) -> bool:
     return all(hasattr(model, a) for a in ("vision_model", "visual_projection", "text_model", "text_projection"))
 
 
-class ClipTextImage:
+class ClipTextImage(FollowsImages):
     """Normalised CLIP image/text embeddings and their cosine (see the module docstring)."""
 
     def __init__(
@@ -62,16 +61,8 @@ class ClipTextImage:
             raise ValueError(f"batch_size={batch_size!r}; expected a positive int")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length={max_length!r}; expected an int >= 2 (77 for CLIP)")
-        # device None: the model's own device, and the scorer follows images that arrive on an
-        # accelerator (the env's device) by moving there once
-        self.follow_images = device is None
-        if device is None:
-            device = next(model.parameters()).device
-        self.device = torch.device(device)
-        self._move_lock = threading.Lock()
-        self.model = model.eval().to(self.device)
+        self._place(model, device)  # device None: follow images that arrive on an accelerator
         self.tokenizer = tokenizer
-        self.dtype = next(model.parameters()).dtype
         self.image_size = int(model.config.vision_config.image_size)
         # never longer than the text tower's position table (77 for CLIP; less for small test models)
         self.max_length = min(max_length, int(model.config.text_config.max_position_embeddings))
@@ -118,14 +109,6 @@ class ClipTextImage:
         prompts = check_prompts(prompts, x.shape[0])
         self.follow(x.device)
         return (self.embed_images(x) * self.embed_texts(prompts)).sum(-1)
-
-    def follow(self, device: torch.device) -> None:
-        """Move the model to ``device`` when following images (``device=None``) and they are not on the CPU."""
-        if self.follow_images and device.type != "cpu" and device != self.device:
-            with self._move_lock:
-                if device != self.device:
-                    self.model.to(device)
-                    self.device = device
 
     @property
     def logit_scale(self) -> torch.Tensor:

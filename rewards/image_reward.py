@@ -29,7 +29,6 @@ tokenizer.json tokenizer_config.json vocab.txt`` (the tokenizer).
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 
 from rewards.aesthetic import AestheticHead, clip_preprocess
-from rewards.base import RewardInfo, as_float_images, check_prompts
+from rewards.base import FollowsImages, RewardInfo, as_float_images, check_prompts
 from rewards.hub import from_pretrained_local, resolve_file
 
 IMAGE_REWARD_REPO = "THUDM/ImageReward"
@@ -194,7 +193,7 @@ def load_blip_tokenizer(name_or_path: Any = IMAGE_REWARD_TOKENIZER, *, cache_dir
     return tok
 
 
-class ImageRewardReward:
+class ImageRewardReward(FollowsImages):
     """Reward = ImageReward score of each (image, prompt) pair (roughly -2..2; see the module docstring).
 
     ``checkpoint``: None (``$DENOISE_GYM_IMAGE_REWARD_CHECKPOINT``, else ``ImageReward.pt`` from the HF
@@ -231,22 +230,8 @@ class ImageRewardReward:
         if not isinstance(checkpoint, ImageRewardModel):
             raise ValueError(f"checkpoint is {type(checkpoint).__name__}; expected None, a path, a state dict "
                              "or an ImageRewardModel")  # fmt: skip
-        self.follow_images = device is None  # then move once to images that arrive on an accelerator
-        if device is None:
-            device = next(checkpoint.parameters()).device
-        self.device = torch.device(device)
-        self._move_lock = threading.Lock()
-        self.model = checkpoint.eval().to(self.device)
-        self.dtype = next(self.model.parameters()).dtype
+        self._place(checkpoint, device)  # device None: follow images that arrive on an accelerator
         self.batch_size = batch_size
-
-    def follow(self, device: torch.device) -> None:
-        """Move the model to ``device`` when following images (``device=None``) and they are not on the CPU."""
-        if self.follow_images and device.type != "cpu" and device != self.device:
-            with self._move_lock:
-                if device != self.device:
-                    self.model.to(device)
-                    self.device = device
 
     @torch.inference_mode()
     def __call__(self, images: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
