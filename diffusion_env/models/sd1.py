@@ -41,6 +41,7 @@ class SD1Family(ModelFamily):
                  *, model_path: Path | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32):  # fmt: skip
         super().__init__()
+        self._pooled: dict[str, torch.Tensor] = {}  # prompt -> pooled text vector (shared by schedule copies)
         cfg = scheduler.config
         if cfg.prediction_type != "epsilon":
             raise ValueError(f"scheduler prediction_type={cfg.prediction_type!r}; only 'epsilon' is supported")
@@ -114,11 +115,13 @@ class SD1Family(ModelFamily):
     def _encode(self, prompt: str) -> Cond:
         warn_if_truncated(self.tokenizer, prompt)  # once per prompt, with its token count
         out = self.text_encoder(self._tokens([prompt]))
-        # The UNet reads only encoder_hidden_states; the pooled vector rides along for pooled_embedding.
-        return {"encoder_hidden_states": out.last_hidden_state, "pooled": out.pooler_output}
+        self._pooled[prompt] = out.pooler_output  # kept apart: the UNet's conditioning is the hidden states alone
+        return {"encoder_hidden_states": out.last_hidden_state}
 
     def pooled_embedding(self, prompts: Sequence[str]) -> torch.Tensor:
-        return torch.cat([self._cached(p)["pooled"] for p in prompts])
+        for p in prompts:
+            self._cached(p)  # encodes (and pools) a prompt not seen yet
+        return torch.cat([self._pooled[p] for p in prompts])
 
     # ------------------------------------------------------------------ network and step
     def call_network(self, fn: Callable[..., Any], x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
