@@ -142,7 +142,7 @@ def step_log_prob(
     Raises:
         ValueError: if any standard deviation is zero. The check runs here when ``std`` is on the
             CPU; on accelerators it would cost a host sync per call, so there the schedule is
-            validated once with :func:`check_std` (the environment does this at construction).
+            validated once with :func:`check_std` (the model family does this when it builds its schedule).
     """
     if std.device.type == "cpu" and bool((std <= 0).any()):
         raise ValueError(

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from diffusion_env.step_math import StepGaussian, sample_step
+from diffusion_env.step_math import StepGaussian, classifier_free_guidance, sample_step
 
 Cond = dict[str, torch.Tensor]
 # forward(x, t, cond) -> the network's fp32 output for a batch; the policy wraps its speed settings in it.
@@ -165,8 +165,8 @@ class ModelFamily(ABC):
         """Call the network (or a compiled wrapper of it) ``fn`` the way this family's network expects."""
 
     def guide(self, uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
-        """Classifier-free guidance: ``uncond + scale (cond - uncond)``."""
-        return uncond + scale * (cond - uncond)
+        """Classifier-free guidance: ``uncond + scale (cond - uncond)`` (:func:`~diffusion_env.step_math.classifier_free_guidance`)."""
+        return classifier_free_guidance(uncond, cond, scale)
 
     def guided_prediction(self, forward: Forward, x: torch.Tensor, t: torch.Tensor, cond: Cond,
                           guidance_scale: float) -> torch.Tensor:  # fmt: skip
