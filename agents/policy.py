@@ -21,7 +21,6 @@ from torch import nn
 from diffusion_env.models import Cond, ModelFamily
 from diffusion_env.step_math import Reduction, StepGaussian, step_log_prob
 
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 AUTOCAST_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION_IMPLS = ("sdpa", "math")  # fused scaled_dot_product_attention kernels, or matmuls + softmax
 
@@ -38,7 +37,7 @@ class GaussianDenoisingPolicy(nn.Module):
         reduction: how the per-dimension log-densities are combined: ``"mean"`` (the reference
             implementations' convention, for which DDPO's clip range 1e-4 was tuned) or ``"sum"``.
         lora_rank: if set, freeze the network and train rank-``r`` LoRA adapters on its attention
-            projections (peft); otherwise every parameter is trained.
+            projections (the family's ``lora_targets``; peft); otherwise every parameter is trained.
         channels_last: store the network's weights and feed its inputs in channels-last memory format
             (faster convolutions with oneDNN on CPUs and with tensor cores). Same numbers up to rounding.
         autocast_dtype: run network calls under ``torch.autocast`` in ``"bf16"`` or ``"fp16"`` (None: the
@@ -90,7 +89,7 @@ class GaussianDenoisingPolicy(nn.Module):
             network.requires_grad_(False)
             network.add_adapter(
                 LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
-                           target_modules=list(LORA_TARGETS))
+                           target_modules=list(family.lora_targets))
             )  # fmt: skip
         if autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype={autocast_dtype!r}; expected one of {sorted(AUTOCAST_DTYPES, key=str)}")
@@ -98,9 +97,7 @@ class GaussianDenoisingPolicy(nn.Module):
         if attention is not None:
             if attention not in ATTENTION_IMPLS:
                 raise ValueError(f"attention={attention!r}; expected None or one of {list(ATTENTION_IMPLS)}")
-            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-            network.set_attn_processor(AttnProcessor() if attention == "math" else AttnProcessor2_0())
+            family.set_attention(network, attention)
         self.channels_last = bool(channels_last)
         if self.channels_last:
             network.to(memory_format=torch.channels_last)

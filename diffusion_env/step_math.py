@@ -193,3 +193,105 @@ def sample_step(gaussian: StepGaussian, noise: torch.Tensor) -> torch.Tensor:
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """ε̃ = ε_uncond + w (ε_cond - ε_uncond); w = 1 returns the conditional prediction."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Flow matching made stochastic (Flow-GRPO, Liu et al. 2025; CPS, "coefficients-preserving sampling").
+#
+# Notation (flow-matching papers ↔ code). A rectified-flow model interpolates x_σ = (1 - σ) x_0 + σ ε
+# (σ = 1: pure noise, σ = 0: data) and predicts the velocity v = ε - x_0; the ODE sampler is Euler's
+# x_{σ'} = x_σ + (σ' - σ) v̂. Flow-GRPO replaces it with the reverse SDE of the same marginals, whose
+# Euler–Maruyama step is an isotropic Gaussian:
+#
+# =====================  ===================  ==========================================================
+# symbol                 code                 meaning
+# =====================  ===================  ==========================================================
+# σ_t, σ_{t-1}           ``sigma``,           noise level of x_t and of the latent stepped to (σ_{t-1} < σ_t)
+#                        ``sigma_next``
+# Δ                      ``dt``               σ_{t-1} - σ_t (< 0)
+# v̂                      ``v``                the (classifier-free guided) velocity prediction
+# a                      ``noise_level``      the SDE's noise level (Flow-GRPO uses 0.7 on SD3.5)
+# g_t                    ``g``                a √(σ_t / (1 - σ_t)); at σ_t = 1 the denominator uses σ_max,
+#                                             the schedule's second σ (as Flow-GRPO does)
+# μ (SDE)                ``mean``             x_t + Δ [v̂ + g²/(2σ_t) (x_t + (1 - σ_t) v̂)]
+# s (SDE)                ``std``              g √(-Δ)
+# x̂_0, ε̂                 ``x0``, ``eps``      x_t - σ_t v̂ and x_t + (1 - σ_t) v̂
+# s (CPS)                ``std``              σ_{t-1} sin(a π / 2)
+# μ (CPS)                ``mean``             (1 - σ_{t-1}) x̂_0 + √(σ_{t-1}² - s²) ε̂
+# =====================  ===================  ==========================================================
+#
+# Log-densities of either step are :func:`step_log_prob` of the returned Gaussian (exact, sum or mean).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _column(value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample scalar (``[B]``, 0-d or float) as ``[B, 1, 1, 1]`` in fp32 on ``like``'s device."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=like.device)
+    return value.reshape(-1, *([1] * (like.ndim - 1))).expand(like.shape[0], *([1] * (like.ndim - 1)))
+
+
+def flow_sde_step_gaussian(
+    v: torch.Tensor,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float,
+    sigma_max: torch.Tensor | float,
+) -> StepGaussian:
+    """Flow-GRPO's SDE step from x_t (noise level σ_t) to σ_{t-1}: mean and std, fp32.
+
+    Args:
+        v: velocity prediction ``[B, C, H, W]`` (after guidance).
+        x_t: the current latent, same shape.
+        sigma, sigma_next: σ_t and σ_{t-1} per sample (``[B]``) or shared (0-d / float).
+        noise_level: a > 0.
+        sigma_max: the schedule's second σ, used in g's denominator where σ_t = 1.
+
+    Raises:
+        ValueError: if ``noise_level <= 0`` (the step is then the deterministic ODE, without density).
+    """
+    if not noise_level > 0:
+        raise ValueError(f"noise_level={noise_level}; the flow SDE step has no density for a <= 0 "
+                         "(that is the ODE sampler). Use a > 0 (Flow-GRPO uses 0.7)")  # fmt: skip
+    v, x_t = v.float(), x_t.float()
+    # 1. σ_t, σ_{t-1} and Δ per sample.
+    sigma, sigma_next = _column(sigma, x_t), _column(sigma_next, x_t)
+    dt = sigma_next - sigma
+    # 2. The diffusion coefficient g_t (σ_max stands in for σ_t = 1 in the denominator).
+    denom = 1.0 - torch.where(sigma >= 1.0, _column(sigma_max, x_t), sigma)
+    g = noise_level * (sigma / denom).sqrt()
+    # 3. Drift: the ODE velocity plus the score correction that keeps the marginals.
+    mean = x_t + dt * (v + g**2 / (2.0 * sigma) * (x_t + (1.0 - sigma) * v))
+    return StepGaussian(mean=mean, std=g * (-dt).sqrt())
+
+
+def flow_cps_step_gaussian(
+    v: torch.Tensor,
+    x_t: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    noise_level: float,
+) -> StepGaussian:
+    """The coefficients-preserving step: x̂_0 and ε̂ re-mixed at σ_{t-1} with noise of std σ_{t-1} sin(aπ/2).
+
+    The std is 0 where σ_{t-1} = 0 (the last step of a full schedule): the model family decides what that
+    step does (see :class:`diffusion_env.models.sd3.SD3Family`).
+    """
+    if not noise_level > 0:
+        raise ValueError(f"noise_level={noise_level}; the CPS step has no density for a <= 0. Use 0 < a <= 1")
+    v, x_t = v.float(), x_t.float()
+    sigma, sigma_next = _column(sigma, x_t), _column(sigma_next, x_t)
+    # 1. The model's estimates of the clean latent and of the noise.
+    x0 = x_t - sigma * v
+    eps = x_t + (1.0 - sigma) * v
+    # 2. Noise std at σ_{t-1} and the deterministic share of ε̂ that keeps the total noise at σ_{t-1}.
+    std = sigma_next * math.sin(noise_level * math.pi / 2.0)
+    mean = (1.0 - sigma_next) * x0 + (sigma_next**2 - std**2).clamp(min=0.0).sqrt() * eps
+    return StepGaussian(mean=mean, std=std)
+
+
+def flow_ode_step(v: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor | float,
+                  sigma_next: torch.Tensor | float) -> torch.Tensor:  # fmt: skip
+    """The deterministic Euler step of the flow ODE: x_t + (σ_{t-1} - σ_t) v̂ (fp32)."""
+    x_t = x_t.float()
+    return x_t + (_column(sigma_next, x_t) - _column(sigma, x_t)) * v.float()

@@ -148,3 +148,61 @@ def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[te
     """
     tmp = tempfile.TemporaryDirectory(prefix=prefix)
     return tmp, build_random_model(Path(tmp.name) / size, size=size)
+
+
+def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae_kwargs: dict,
+                    transformer_kwargs: dict, scheduler_kwargs: dict, *, shift_factor: float | None = None) -> Path:  # fmt: skip
+    """Save SD3-layout parts (two CLIP encoders with projection and tokenizers, VAE, transformer, flow scheduler)
+    and a ``model_index.json`` without T5; the VAE and transformer are built here, in that order."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    folder = Path(folder)
+    for i, (enc, tok) in enumerate(zip(text_encoders, tokenizers)):
+        suffix = "" if i == 0 else f"_{i + 1}"
+        enc.save_pretrained(folder / f"text_encoder{suffix}")
+        tok.save_pretrained(folder / f"tokenizer{suffix}")
+    vae = AutoencoderKL(**vae_kwargs)
+    if shift_factor is not None:
+        vae.register_to_config(shift_factor=shift_factor)
+    vae.save_pretrained(folder / "vae")
+    SD3Transformer2DModel(**transformer_kwargs).save_pretrained(folder / "transformer")
+    FlowMatchEulerDiscreteScheduler(**scheduler_kwargs).save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
+             "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return folder
+
+
+def build_tiny_sd3(folder: Path, seed: int = 0, sample_size: int = 16, shift: float = 3.0, width: int = 16) -> Path:
+    """Save a random-weight SD3-architecture toy (16-channel VAE with a shift factor, MMDiT, two CLIPs with
+    projection on a byte-level vocabulary, flow-matching scheduler with timestep ``shift``)."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    write_tiny_tokenizer(folder / "tokenizer", words=("a", "cat", "dog", "red", "circle"))
+    tok = CLIPTokenizer.from_pretrained(folder / "tokenizer", model_max_length=16)
+    encoders = [
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2, num_attention_heads=2,
+            max_position_embeddings=16, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+            pad_token_id=tok.pad_token_id, projection_dim=w,
+        ))
+        for w in (width, 2 * width)
+    ]  # fmt: skip
+    vae = dict(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=16,
+        layers_per_block=1, norm_num_groups=4, sample_size=sample_size, scaling_factor=1.5, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )  # fmt: skip
+    transformer = dict(
+        sample_size=sample_size // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=4 * width, caption_projection_dim=16,
+        pooled_projection_dim=3 * width, pos_embed_max_size=sample_size // 2,
+    )  # fmt: skip
+    return save_sd3_layout(folder, encoders, [tok, tok], vae, transformer, dict(shift=shift), shift_factor=0.1)

@@ -188,7 +188,7 @@ class DenoisingEnv(VectorEnv):
         self.single_observation_space = spaces.Dict(
             {
                 "prompt": PromptText(MAX_PROMPT_LENGTH),
-                "t": spaces.Discrete(self.num_train_timesteps),
+                "t": spaces.Discrete(self.family.timestep_count),
                 "x_t": spaces.Box(-np.inf, np.inf, self.latent_shape, np.float32),
             }
         )

@@ -72,6 +72,7 @@ class ModelFamily(ABC):
 
     name: str = "abstract"
     subfolders: tuple[str, ...] = ()  # the folders of a model repo this family loads (checked, downloaded)
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the network's modules LoRA adapts
     device: torch.device
     dtype: torch.dtype
     model_path: Path | None
@@ -113,6 +114,11 @@ class ModelFamily(ABC):
         other._episode = None
         other.set_schedule(num_steps, eta, guidance_scale)
         return other
+
+    @property
+    def timestep_count(self) -> int:
+        """How many values the observation's ``t`` can take (``Discrete(timestep_count)``)."""
+        return self.num_train_timesteps
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.vae_scale_factor
@@ -177,9 +183,19 @@ class ModelFamily(ABC):
         uncond, conditional = out.chunk(2)
         return self.guide(uncond, conditional, guidance_scale)
 
+    def set_attention(self, network: torch.nn.Module, impl: str) -> None:
+        """Set the network's attention processors: ``"sdpa"`` (fused kernels) or ``"math"`` (matmuls + softmax)."""
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        network.set_attn_processor(AttnProcessor() if impl == "math" else AttnProcessor2_0())
+
     @abstractmethod
     def step_gaussian(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> StepGaussian:
         """p(x_{t-1} | x_t) given the (guided) prediction; statistics in fp32."""
+
+    def deterministic_step(self, prediction: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The sampler's noise-free step (evaluation): the step Gaussian's mean unless the family has an ODE."""
+        return self.step_gaussian(prediction, x_t, t).mean
 
     def step_distribution(self, forward: Forward, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                           guidance_scale: float) -> StepGaussian:  # fmt: skip
@@ -190,11 +206,12 @@ class ModelFamily(ABC):
                generator: torch.Generator | None = None, deterministic: bool = False,
                ) -> tuple[torch.Tensor, StepGaussian]:  # fmt: skip
         """One sampler step from a batched observation: ``(x_{t-1}, its Gaussian)``; the noise is drawn in
-        fp32 on the family's device from ``generator`` (the mean itself when ``deterministic``)."""
-        gauss = self.step_distribution(forward, obs["x_t"], obs["t"].to(self.device), self.condition(obs["prompt"]),
-                                       guidance_scale)  # fmt: skip
+        fp32 on the family's device from ``generator`` (:meth:`deterministic_step` when ``deterministic``)."""
+        x_t, t = obs["x_t"], obs["t"].to(self.device)
+        prediction = self.guided_prediction(forward, x_t, t, self.condition(obs["prompt"]), guidance_scale)
+        gauss = self.step_gaussian(prediction, x_t.float(), t)
         if deterministic:
-            return gauss.mean, gauss
+            return self.deterministic_step(prediction, x_t.float(), t), gauss
         noise = torch.randn(gauss.mean.shape, generator=generator, device=self.device, dtype=torch.float32)
         return sample_step(gauss, noise), gauss
 
@@ -215,9 +232,14 @@ class ModelFamily(ABC):
         """The forward process: ``(x_t, target)`` — the noised latents and the network's regression target."""
 
     # ------------------------------------------------------------------ decoding
-    @abstractmethod
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Latents to images ``[B, 3, H, W]`` float32 in [0, 1], in chunks of ``batch_size``."""
+        """Latents to images ``[B, 3, H, W]`` float32 in [0, 1], in chunks of ``batch_size`` (the family's
+        ``vae``: latents / scaling_factor + shift_factor, as diffusers' pipelines)."""
+        scale = self.vae.config.scaling_factor
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        out = [self.vae.decode(chunk.to(self.dtype) / scale + shift).sample.float() for chunk in latents.split(batch_size)]
+        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
 
 
 # ---------------------------------------------------------------------- registry

@@ -141,14 +141,6 @@ class SD1Family(ModelFamily):
         a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
 
-    # ------------------------------------------------------------------ decoding
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        scale = self.vae.config.scaling_factor
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        out = [self.vae.decode(chunk.to(self.dtype) / scale + shift).sample.float() for chunk in latents.split(batch_size)]
-        return (torch.cat(out) / 2 + 0.5).clamp(0, 1)
-
 
 def _is_sd1_folder(path: Path) -> bool:
     return (path / "unet").is_dir() and (path / "text_encoder").is_dir()
