@@ -166,7 +166,10 @@ class TrainConfig:
         choices=("mean", "sum"),
     )
     guidance_scale: float | None = _doc(None, "Classifier-free guidance weight (None: the env's).")
-    eta: float | None = _doc(None, "The sampler's stochasticity, DDIM η for SD v1 (None: the env's; must be > 0).")
+    eta: float | None = _doc(
+        None, "The sampler's stochasticity: DDIM η for SD v1, the SDE noise level a for flow models (None: the "
+        "env's; must be > 0)."
+    )
     num_steps: int | None = _doc(None, "Denoising steps per episode (None: the env's).")
     env_kwargs: dict[str, Any] = _doc(
         {},

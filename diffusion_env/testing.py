@@ -150,24 +150,23 @@ def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[te
     return tmp, build_random_model(Path(tmp.name) / size, size=size)
 
 
-def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae_kwargs: dict,
-                    transformer_kwargs: dict, scheduler_kwargs: dict, *, shift_factor: float | None = None) -> Path:  # fmt: skip
-    """Save SD3-layout parts (two CLIP encoders with projection and tokenizers, VAE, transformer, flow scheduler)
-    and a ``model_index.json`` without T5; the VAE and transformer are built here, in that order."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae, transformer, scheduler) -> Path:
+    """Save SD3-layout parts (two CLIP encoders with projection and their tokenizers, ``AutoencoderKL``,
+    ``SD3Transformer2DModel``, ``FlowMatchEulerDiscreteScheduler``) and a ``model_index.json`` without T5."""
+    import diffusers
+    import transformers
 
     folder = Path(folder)
     for i, (enc, tok) in enumerate(zip(text_encoders, tokenizers)):
         suffix = "" if i == 0 else f"_{i + 1}"
         enc.save_pretrained(folder / f"text_encoder{suffix}")
         tok.save_pretrained(folder / f"tokenizer{suffix}")
-    vae = AutoencoderKL(**vae_kwargs)
-    if shift_factor is not None:
-        vae.register_to_config(shift_factor=shift_factor)
     vae.save_pretrained(folder / "vae")
-    SD3Transformer2DModel(**transformer_kwargs).save_pretrained(folder / "transformer")
-    FlowMatchEulerDiscreteScheduler(**scheduler_kwargs).save_pretrained(folder / "scheduler")
-    index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    transformer.save_pretrained(folder / "transformer")
+    scheduler.save_pretrained(folder / "scheduler")
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+             "_transformers_version": transformers.__version__,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
              "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
              "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
@@ -205,4 +204,8 @@ def build_tiny_sd3(folder: Path, seed: int = 0, sample_size: int = 16, shift: fl
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=4 * width, caption_projection_dim=16,
         pooled_projection_dim=3 * width, pos_embed_max_size=sample_size // 2,
     )  # fmt: skip
-    return save_sd3_layout(folder, encoders, [tok, tok], vae, transformer, dict(shift=shift), shift_factor=0.1)
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    vae_model = AutoencoderKL(**vae, shift_factor=0.1)
+    return save_sd3_layout(folder, encoders, [tok, tok], vae_model, SD3Transformer2DModel(**transformer),
+                           FlowMatchEulerDiscreteScheduler(shift=shift))

@@ -14,13 +14,19 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
-from diffusion_env.testing import build_tiny_sd, write_tiny_tokenizer  # noqa: E402,F401  (re-exported for tests)
+from diffusion_env.testing import build_tiny_sd, build_tiny_sd3, write_tiny_tokenizer  # noqa: E402,F401  (re-exported)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """Path of a tiny random SD-layout model (16×16 images, 4×8×8 latents)."""
     return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    """Path of a tiny random SD3-layout model (16×16 images, 16×8×8 latents, flow scheduler with shift 3)."""
+    return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
 
 
 def make_env(tiny_sd, num_envs=2, **kw):
