@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-from diffusion_env.models import SD14_REPO, TINY_MODEL_PATH
+from diffusion_env.models import SD14_REPO, TINY_MODEL_PATH, TINYFLOW_MODEL_PATH
 
 SINGLE_ENTRY = "diffusion_env.env:DenoisingSingleEnv"
 VECTOR_ENTRY = "diffusion_env.vector_env:DenoisingEnv"
 
 SD14_DEFAULTS = dict(model=SD14_REPO, height=512, width=512, num_steps=50, eta=1.0, guidance_scale=5.0)
 TINY_DEFAULTS = dict(model=str(TINY_MODEL_PATH), height=32, width=32, num_steps=20, eta=1.0, guidance_scale=5.0)
+TINYFLOW_DEFAULTS = dict(model=str(TINYFLOW_MODEL_PATH), family="sd3-flow", height=32, width=32, num_steps=20, eta=0.7,
+                         guidance_scale=4.5)  # fmt: skip
 
 SD14_TASKS = {
     "Aesthetic": dict(reward="aesthetic", prompts="simple_animals"),

@@ -13,6 +13,7 @@ from pathlib import Path
 from rewards.downloads import download_command
 
 TINY_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny"  # the embedded tiny SD-v1 model
+TINYFLOW_MODEL_PATH = TINY_MODEL_PATH.parent / "tinyflow"  # the embedded tiny flow-matching (SD3-layout) model
 
 
 class ModelNotFoundError(FileNotFoundError):

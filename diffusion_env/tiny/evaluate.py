@@ -1,8 +1,10 @@
-"""Evaluate the shipped tiny model by the world's captioner, at fixed prompts and seeds.
+"""Evaluate a shipped tiny model by the world's captioner, at fixed prompts and seeds.
 
     python -m diffusion_env.tiny.evaluate [--model diffusion_env/assets/tiny] [--json eval.json]
+    python -m diffusion_env.tiny.evaluate --model diffusion_env/assets/tinyflow [--deterministic]
 
-Samples with DDIM (eta = 1, 20 steps, guidance 5) and reports, on training and held-out prompts:
+Samples with the model's registered settings (DDIM tiny model: η = 1, 20 steps, guidance 5; the flow
+model: its SDE, or its ODE with ``--deterministic``) and reports, on training and held-out prompts:
 
 - single-object prompts: share with colour and shape right, and with every attribute (size too) right;
 - multi-object prompts: share with every attribute right (count, colours, shapes, relation) and with
@@ -49,9 +51,10 @@ def sample_many(model, prompts: list[str], seed: int, **kw) -> torch.Tensor:
 
 
 def evaluate(model_dir=ASSET_DIR, n_multi: int = 64, single_repeats: int = 4, seed: int = 1000,
-             steps: int = 20, guidance: float = 5.0, eta: float = 1.0) -> dict:
+             steps: int | None = None, guidance: float | None = None, eta: float | None = None,
+             deterministic: bool = False) -> dict:  # fmt: skip
     model = load_tiny(model_dir)
-    kw = dict(steps=steps, guidance=guidance, eta=eta)
+    kw = dict(model.settings(steps, guidance, eta), deterministic=deterministic)
     report: dict = {"settings": {"seed": seed, **kw, "n_multi": n_multi, "single_repeats": single_repeats}}
     all_images = []
     for k, (name, prompts) in enumerate(prompt_sets(n_multi, single_repeats).items()):
@@ -91,11 +94,16 @@ def main(argv=None) -> None:
     p.add_argument("--n-multi", type=int, default=64)
     p.add_argument("--single-repeats", type=int, default=4)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's registered IDs')")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the registered IDs')")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η / flow SDE noise level (default: registered)")
+    p.add_argument("--deterministic", action="store_true", help="the family's deterministic step (flow: the ODE)")
     args = p.parse_args(argv)
     if args.threads < 1:
         raise ValueError(f"--threads={args.threads}; expected a positive integer")
     torch.set_num_threads(args.threads)
-    report = evaluate(args.model, n_multi=args.n_multi, single_repeats=args.single_repeats, seed=args.seed)
+    report = evaluate(args.model, n_multi=args.n_multi, single_repeats=args.single_repeats, seed=args.seed,
+                      steps=args.steps, guidance=args.guidance, eta=args.eta, deterministic=args.deterministic)
     text = json.dumps(report, indent=2)
     print(text)
     out = args.json or Path(args.model) / "eval.json"

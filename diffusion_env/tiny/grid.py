@@ -1,4 +1,4 @@
-"""A PNG grid of tiny-model samples on fixed prompts and seeds (one row per prompt).
+"""A PNG grid of a tiny model's samples on fixed prompts and seeds (one row per prompt).
 
     python -m diffusion_env.tiny.grid --out tiny_grid.png
 """
@@ -26,12 +26,13 @@ GRID_PROMPTS = [
 ]
 
 
-def make_grid(model_dir=ASSET_DIR, prompts=GRID_PROMPTS, n_seeds: int = 8, seed: int = 0, scale: int = 4):
+def make_grid(model_dir=ASSET_DIR, prompts=GRID_PROMPTS, n_seeds: int = 8, seed: int = 0, scale: int = 4,
+              deterministic: bool = False):  # fmt: skip
     prompts = list(prompts)
     if n_seeds < 1 or scale < 1:
         raise ValueError(f"n_seeds={n_seeds}, scale={scale}; expected positive integers")
     model = load_tiny(model_dir)
-    rows = sample(model, [p for p in prompts for _ in range(n_seeds)], seed=seed)
+    rows = sample(model, [p for p in prompts for _ in range(n_seeds)], seed=seed, deterministic=deterministic)
     imgs = rows.permute(0, 2, 3, 1).numpy()
     tile = imgs.shape[1] * scale
     label_w = 300
@@ -52,9 +53,10 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--deterministic", action="store_true", help="the family's deterministic step (flow: the ODE)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    make_grid(args.model, n_seeds=args.seeds, seed=args.seed).save(args.out)
+    make_grid(args.model, n_seeds=args.seeds, seed=args.seed, deterministic=args.deterministic).save(args.out)
     print(f"wrote {args.out}")
 
 
