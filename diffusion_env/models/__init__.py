@@ -15,7 +15,12 @@ from diffusion_env.models.base import (
     register_family,
     registered_families,
 )
-from diffusion_env.models.loading import TINY_MODEL_PATH, ModelNotFoundError, resolve_model_path
+from diffusion_env.models.loading import (
+    TINY_MODEL_PATH,
+    TINYFLOW_MODEL_PATH,
+    ModelNotFoundError,
+    resolve_model_path,
+)
 from diffusion_env.models.sd1 import SD14_REPO, SD1Family
 from diffusion_env.models.sd3 import SD35_REPO, SD3CPSFamily, SD3Family
 
@@ -29,6 +34,7 @@ __all__ = [
     "SD3CPSFamily",
     "SD3Family",
     "TINY_MODEL_PATH",
+    "TINYFLOW_MODEL_PATH",
     "cat_conditions",
     "expand_condition",
     "family_class",
