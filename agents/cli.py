@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a policy", description=TRAIN_DESCRIPTION,
                        epilog=registered_listing(), formatter_class=HelpFormatter)  # fmt: skip
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="start from a preset for --algo: 'tiny' (the embedded tiny model on a CPU) or 'sd14' "
-                        "(DDPO appendix A.6, a GPU); the options given override it (default: none)")  # fmt: skip
+                   help="start from a preset for --algo: 'tiny' (the embedded tiny models, Denoise-Tiny-* and "
+                        "Denoise-TinyFlow-*, on a CPU), 'sd14' (DDPO appendix A.6, a GPU) or 'sd35' (Flow-GRPO's "
+                        "SD3.5-Medium LoRA settings, a GPU); the options given override it (default: none)")  # fmt: skip
     p.add_argument("--resume", metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its latest checkpoint; options given change its "
                         "settings, e.g. --num-epochs to train further (default: start a new run)")  # fmt: skip

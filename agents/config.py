@@ -1,4 +1,5 @@
-"""One typed configuration per training run, with presets (DDPO appendix A.6 and tiny CPU ones)."""
+"""One typed configuration per training run, with presets (DDPO appendix A.6, Flow-GRPO's SD3.5 and tiny CPU
+ones)."""
 
 from __future__ import annotations
 
@@ -342,6 +343,16 @@ class TrainConfig:
 # DDPO appendix A.6 (Stable Diffusion v1.4): AdamW lr 1e-5, weight decay 1e-4; LoRA rank 4.
 _SD14_COMMON = dict(lora_rank=4, learning_rate=1e-5, adam_weight_decay=1e-4, sample_batch_size=16,
                     micro_batch_size=64, device="cuda", async_rewards=True)  # fmt: skip
+# Flow-GRPO on SD3.5-Medium (github.com/yifan123/flow_grpo): scripts/train_sd3.py puts LoRA rank 32 on the
+# transformer's attention projections (lora_alpha 64 there; this project's LoRA scales by alpha = rank) and
+# runs the LoRA-wrapped transformer in fp32 without autocast; config/base.py: AdamW lr 3e-4, weight decay 1e-4,
+# clip range 1e-4, one inner epoch; config/grpo.py (`pickscore_sd3`, `geneval_sd3`): 48 prompts × 24 images
+# per epoch (num_image_per_prompt 24), two optimizer steps per epoch (gradient_accumulation_steps =
+# num_batches_per_epoch // 2), timestep_fraction 0.99 of 10 steps, i.e. int(9.9) = 9 steps trained; here
+# the count is round(f · S), so 0.9. Its KL penalty (train.beta) and EMA have no field here.
+_SD35_COMMON = dict(lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, clip_range=1e-4, sample_batch_size=24,
+                    samples_per_prompt=24, samples_per_epoch=48 * 24, timestep_fraction=0.9, micro_batch_size=16,
+                    device="cuda", async_rewards=True)  # fmt: skip
 # Tiny presets: sized so one epoch of 64 samples takes about 15 s on a 2-core CPU.
 _TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=320,
                     per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip
@@ -354,6 +365,16 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                     rwr_updates_per_epoch=400),  # fmt: skip
         "rwr-sparse": dict(_SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
                            rwr_updates_per_epoch=400),  # fmt: skip
+    },
+    "sd35": {
+        "ddpo-is": dict(_SD35_COMMON, train_batch_size=24 * 24, num_inner_epochs=1),  # two steps per epoch
+        "ddpo-sf": dict(_SD35_COMMON, train_batch_size=48 * 24, num_inner_epochs=1),  # on-policy: one step
+        # RWR has no Flow-GRPO counterpart: Flow-GRPO's epoch of groups (so the per-prompt softmax compares 24
+        # samples of one prompt), each sample regressed about 5 times per epoch as in DDPO appendix A.6's RWR
+        # (400 steps × 128 of 10,000 samples; here 45 × 128 of 1,152), at a tenth of the learning rate as the
+        # tiny presets (RWR takes many more optimizer steps per epoch than DDPO). Untuned.
+        "rwr": dict(_SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5),
+        "rwr-sparse": dict(_SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5),
     },
     "tiny": {
         # clip 1e-3, not the paper's 1e-4: mean-reduced log-ratios average over 256 latent dimensions here
@@ -380,6 +401,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # weight by a factor e within its prompt. Measured on the shipped model, 8 training prompts × 8 samples:
 # 0.057 kB (JPEG size, both JPEG tasks) and 0.064 (BERTScore recall, prompt alignment).
 TINY_RWR_BETA = {"Compressibility": 16.0, "Incompressibility": 16.0, "PromptAlignment": 16.0}
+# The same on the embedded tiny flow model (Denoise-TinyFlow-*): to be measured on the tiny flow base model.
+TINYFLOW_RWR_BETA = {"Compressibility": 16.0, "Incompressibility": 16.0, "PromptAlignment": 16.0}
 
 
 MEAN_TUNED_CLIP_MAX = 1e-2  # clip ranges at or below this are of the mean-reduced scale (paper 1e-4, tiny 1e-3)
@@ -408,13 +431,18 @@ def compatibility_warnings(cfg: TrainConfig, latent_dim: int | None = None) -> l
 
 
 def preset_config(preset: str, algo: str, **overrides: Any) -> TrainConfig:
-    """The config of ``preset`` ("sd14" or "tiny") for ``algo``, with field overrides."""
+    """The config of ``preset`` ("sd14", "sd35" or "tiny") for ``algo``, with field overrides.
+
+    The tiny preset serves both embedded models; its RWR β is looked up by the task of ``env_id`` in
+    :data:`TINYFLOW_RWR_BETA` for ``Denoise-TinyFlow-*`` IDs, else in :data:`TINY_RWR_BETA`.
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     base = dict(PRESETS[preset].get(algo) or {})
     if preset == "tiny" and algo == "rwr":
         env_id = overrides.get("env_id", TrainConfig.env_id)
-        task = next((t for t in TINY_RWR_BETA if f"-{t}-" in env_id), None)
+        betas = TINYFLOW_RWR_BETA if env_id.startswith("Denoise-TinyFlow-") else TINY_RWR_BETA
+        task = next((t for t in betas if f"-{t}-" in env_id), None)
         if task is not None:
-            base["rwr_beta"] = TINY_RWR_BETA[task]
+            base["rwr_beta"] = betas[task]
     return TrainConfig(algo=algo, **{**base, **overrides})

@@ -6,7 +6,9 @@
 from diffusion_env.env import DenoisingSingleEnv
 from diffusion_env.models import (
     SD14_REPO,
+    SD35_REPO,
     TINY_MODEL_PATH,
+    TINYFLOW_MODEL_PATH,
     ModelFamily,
     ModelNotFoundError,
     SD1Family,
@@ -25,7 +27,9 @@ __all__ = [
     "ModelNotFoundError",
     "SB3Adapter",
     "SD14_REPO",
+    "SD35_REPO",
     "TINY_MODEL_PATH",
+    "TINYFLOW_MODEL_PATH",
     "SD1Family",
     "load_family",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 
 from diffusion_env.models import ModelNotFoundError
 from rewards.base import MissingModelError
-from rewards.downloads import download_command, in_hf_cache
+from rewards.downloads import download_command, gated_note, in_hf_cache
 
 # TensorFlow and Flax copies of the weights, which torch never reads.
 _OTHER_FRAMEWORKS = ("*.h5", "*.msgpack")
@@ -48,7 +48,9 @@ class MissingPiece:
 
     def line(self) -> str:
         alt = f" (or {self.instead})" if self.instead else ""
-        return f"{self.what}: {self.repo_id}{' ' + self.filename if self.filename else ''} → `{self.command}`{alt}"
+        name = f"{self.repo_id}{' ' + self.filename if self.filename else ''}"
+        note = gated_note(self.repo_id)
+        return f"{self.what}: {name} → `{self.command}`{alt}" + (f".{note}" if note else "")
 
 
 def _is_repo_id(name: Any) -> bool:
@@ -59,11 +61,13 @@ def _is_repo_id(name: Any) -> bool:
 
 
 def _model_pieces(model: Any, download: bool, family: str | None = None) -> list[MissingPiece]:
-    from diffusion_env.models import SD14_REPO, family_class
+    from diffusion_env.models import SD14_REPO, SD35_REPO, family_class
 
     if download or not _is_repo_id(model) or in_hf_cache(model):
         return []
-    what = "Stable Diffusion v1.4 weights (UNet, VAE, text encoder)" if model == SD14_REPO else "diffusion model"
+    what = {SD14_REPO: "Stable Diffusion v1.4 weights (UNet, VAE, text encoder)",
+            SD35_REPO: "Stable Diffusion 3.5 Medium weights (transformer, VAE, the two CLIP text encoders)",
+            }.get(model, "diffusion model")  # fmt: skip
     # The folders the model family loads, not the repo's multi-GB single-file checkpoints.
     subfolders = family_class(family or "sd1-ddim").subfolders
     include = ("model_index.json", *(f"{s}/*" for s in subfolders))

@@ -11,6 +11,9 @@ path of a real model:
   32×32 images, 8×8×4 latents, UNet blocks (32, 64) with cross-attention in both, a 2-layer width-64 CLIP
   text encoder on the tiny world's tokenizer) with random weights; speed does not depend on the weights, so
   throughput figures from it carry over to the trained model. ``size="micro"``: the same layout, much smaller.
+  ``size="tinyflow"``: the embedded tiny flow-matching model's architecture (``diffusion_env/assets/tinyflow``,
+  SD3 layout: the configs of :mod:`diffusion_env.tiny.pretrain_flow`, the DDIM tiny model's VAE architecture
+  with a ``shift_factor``, ``FlowMatchEulerDiscreteScheduler(shift=1.0)``) with random weights.
 """
 
 from __future__ import annotations
@@ -106,10 +109,16 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, b
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")  # fmt: skip
 
 
+FLOW_SIZES = ("tinyflow",)  # SD3-layout sizes (built by _build_random_flow_model)
+
+
 def build_random_model(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write a random-weight model of the tiny model's layout, ``size`` "tiny" or "micro", to ``folder``."""
-    if size not in SIZES:
-        raise ValueError(f"size={size!r}; expected one of {sorted(SIZES)}")
+    """Write a random-weight model of an embedded tiny model's layout to ``folder``: ``size`` "tiny" or
+    "micro" (SD v1 layout), or "tinyflow" (SD3 layout)."""
+    if size not in SIZES and size not in FLOW_SIZES:
+        raise ValueError(f"size={size!r}; expected one of {sorted(SIZES) + list(FLOW_SIZES)}")
+    if size in FLOW_SIZES:
+        return _build_random_flow_model(Path(folder), seed)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from rewards.tinyworld.tokenizer import MODEL_MAX_LENGTH, build_tokenizer
@@ -139,6 +148,25 @@ def build_random_model(folder: str | Path, size: str = "tiny", seed: int = 0) ->
         layers_per_block=1, cross_attention_dim=width, attention_head_dim=arch["heads"], norm_num_groups=8,
     )  # fmt: skip
     return _save_sd_layout(folder, text, vae, unet, SCHEDULER)
+
+
+def _build_random_flow_model(folder: Path, seed: int) -> Path:
+    """The tiny flow model's architecture (:mod:`diffusion_env.tiny.pretrain_flow`) with random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from diffusion_env.tiny.pretrain import vae_config
+    from diffusion_env.tiny.pretrain_flow import text_config, transformer_config
+    from rewards.tinyworld.tokenizer import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tok = build_tokenizer(folder / "tokenizer")
+    cfg = CLIPTextConfig(**text_config(len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    encoders = [CLIPTextModelWithProjection(cfg), CLIPTextModelWithProjection(cfg)]
+    vae = AutoencoderKL(**vae_config(), shift_factor=0.1)  # nonzero, so the shift is exercised
+    return save_sd3_layout(folder, encoders, [tok, tok], vae, SD3Transformer2DModel(**transformer_config()),
+                           FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0))
 
 
 def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[tempfile.TemporaryDirectory, Path]:

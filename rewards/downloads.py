@@ -3,7 +3,8 @@
 huggingface_hub 1.x and later install the ``hf`` command (``hf download REPO [FILE]``); the older
 ``huggingface-cli`` is gone from them. :func:`download_command` names ``hf`` when it is on ``PATH``, else
 the ``hf`` next to the running Python (a virtual environment that is not activated), so the printed
-command runs as printed.
+command runs as printed. Repositories in :data:`GATED_REPOS` are gated on the Hub: downloading them needs a
+licence accepted on the repository's page and a logged-in client, which :func:`gated_note` says.
 """
 
 from __future__ import annotations
@@ -12,6 +13,14 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+
+# Hugging Face repositories that serve files only to logged-in accounts that accepted their licence (the
+# one place that knows; every missing-weights message adds :func:`gated_note`).
+GATED_REPOS = frozenset({
+    "stabilityai/stable-diffusion-3.5-medium",
+    "stabilityai/stable-diffusion-3.5-large",
+    "stabilityai/stable-diffusion-3-medium-diffusers",
+})  # fmt: skip
 
 
 def hf_cli() -> str:
@@ -22,6 +31,19 @@ def hf_cli() -> str:
     if beside.exists():
         return str(beside)
     return "hf"  # not installed: `pip install -U huggingface_hub` provides it
+
+
+def login_command() -> str:
+    """The shell command that stores a Hugging Face access token (``hf auth login``)."""
+    return f"{shlex.quote(hf_cli())} auth login"
+
+
+def gated_note(repo_id: str) -> str:
+    """For a repo in :data:`GATED_REPOS`, a sentence (with a leading space) on how to get access; else ``""``."""
+    if str(repo_id) not in GATED_REPOS:
+        return ""
+    return (f" {repo_id} is gated: accept its licence at https://huggingface.co/{repo_id} while logged in, then "
+            f"log this machine in with `{login_command()}` (or set HF_TOKEN) before downloading.")  # fmt: skip
 
 
 def download_command(

@@ -29,6 +29,15 @@ def tiny_sd3(tmp_path_factory) -> Path:
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
 
 
+@pytest.fixture(scope="session")
+def random_tinyflow(tmp_path_factory) -> Path:
+    """Path of a random-weight model of the embedded tiny flow model's architecture (SD3 layout, 32×32 images,
+    4×8×8 latents): the stand-in for ``diffusion_env/assets/tinyflow`` in tests."""
+    from diffusion_env.testing import build_random_model
+
+    return build_random_model(tmp_path_factory.mktemp("tinyflow") / "tinyflow", size="tinyflow")
+
+
 def make_env(tiny_sd, num_envs=2, **kw):
     from diffusion_env import DenoisingEnv
 

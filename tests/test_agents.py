@@ -206,7 +206,7 @@ def test_config_refuses_nonsense(changes, match):
 
 
 def test_presets_are_valid():
-    for preset in ("tiny", "sd14"):
+    for preset in ("tiny", "sd14", "sd35"):
         for algo in ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"):
             preset_config(preset, algo).validate()
     sd = preset_config("sd14", "ddpo-is")

@@ -1,7 +1,9 @@
 """Every registered Denoise-* ID: gym.make / gym.make_vec, Gymnasium's check_env and one episode.
 
 SD14 IDs run on tiny random components passed as kwargs (the same loading code path as SD v1.4):
-the model folder, and for the model-based rewards a tiny random CLIP / a local VLM server.
+the model folder, and for the model-based rewards a tiny random CLIP / a local VLM server. SD35 IDs run the
+same way on a tiny random SD3-layout model; TinyFlow IDs on a random-weight model of the tiny flow model's
+architecture (the shipped one is not needed).
 """
 
 import gymnasium as gym
@@ -34,12 +36,15 @@ def vlm_server():
     stop()
 
 
-def _kwargs(env_id, tiny_sd, vlm_server):
+def _kwargs(env_id, request, vlm_server):
     if env_id.startswith("Denoise-Tiny-"):
         if not HAVE_TINY:
             pytest.skip(f"the shipped tiny model is not built at {TINY_MODEL_PATH}")
         return dict(num_steps=2)
-    kw = dict(model=str(tiny_sd), height=16, width=16, num_steps=2)
+    if env_id.startswith("Denoise-TinyFlow-"):
+        return dict(model=str(request.getfixturevalue("random_tinyflow")), num_steps=2)
+    model = request.getfixturevalue("tiny_sd3" if env_id.startswith("Denoise-SD35-") else "tiny_sd")
+    kw = dict(model=str(model), height=16, width=16, num_steps=2)
     if "Aesthetic" in env_id:
         head = torch.load(REAL_HEAD, map_location="cpu", weights_only=True) if REAL_HEAD.is_file() else random_head(768)
         kw["reward_kwargs"] = dict(clip_model=tiny_clip(768), head=head)
@@ -62,11 +67,14 @@ def test_all_paper_tasks_registered():
         assert f"Denoise-SD14-{task}-v0" in ALL_IDS
     for task in ("Compressibility", "Incompressibility", "PromptAlignment"):
         assert f"Denoise-Tiny-{task}-v0" in ALL_IDS
+        assert f"Denoise-TinyFlow-{task}-v0" in ALL_IDS
+    for task in ("Aesthetic", "Compressibility", "Incompressibility", "PromptAlignment"):
+        assert f"Denoise-SD35-{task}-v0" in ALL_IDS
 
 
 @pytest.mark.parametrize("env_id", ALL_IDS)
-def test_make_check_env_and_episode(env_id, tiny_sd, vlm_server):
-    kw = _kwargs(env_id, tiny_sd, vlm_server)
+def test_make_check_env_and_episode(env_id, request, vlm_server):
+    kw = _kwargs(env_id, request, vlm_server)
     env = gym.make(env_id, **kw)
     check_env(env.unwrapped, skip_render_check=True)
     obs, _ = env.reset(seed=0)

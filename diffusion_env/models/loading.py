@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from rewards.downloads import download_command
+from rewards.downloads import download_command, gated_note
 
 TINY_MODEL_PATH = Path(__file__).resolve().parents[1] / "assets" / "tiny"  # the embedded tiny SD-v1 model
 TINYFLOW_MODEL_PATH = TINY_MODEL_PATH.parent / "tinyflow"  # the embedded tiny flow-matching (SD3-layout) model
@@ -60,6 +60,6 @@ def resolve_model_path(
             f"the weights of {repo_id!r} are not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}) and no local folder has that name. "
             f"Fetch them once with `{download_command(repo_id)}`, or pass download=True to "
-            f"gym.make, or pass model=<path to a local copy>."
+            f"gym.make, or pass model=<path to a local copy>.{gated_note(repo_id)}"
         ) from exc
     return Path(local)
