@@ -1,4 +1,8 @@
-"""Leaderboard: every registered algorithm on the ``Denoise-Tiny-*`` tasks at a fixed reward-query budget.
+"""Leaderboard: every registered algorithm on the tiny tasks at a fixed reward-query budget.
+
+The tasks are ``Denoise-Tiny-*`` (the embedded DDIM model) and ``Denoise-TinyFlow-*`` (the embedded
+flow-matching model, Flow-GRPO's SDE); ``--tasks`` takes IDs or their middle parts
+(``Compressibility``, ``TinyFlow-Compressibility``).
 
     python -m benchmarks.leaderboard [--quick] [--algos ...] [--tasks ...] [--seeds N] [--budget Q]
 
@@ -56,6 +60,9 @@ TASKS = (
     "Denoise-Tiny-Compressibility-v0",
     "Denoise-Tiny-Incompressibility-v0",
     "Denoise-Tiny-PromptAlignment-v0",
+    "Denoise-TinyFlow-Compressibility-v0",
+    "Denoise-TinyFlow-Incompressibility-v0",
+    "Denoise-TinyFlow-PromptAlignment-v0",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "leaderboard"
@@ -65,14 +72,22 @@ QUICK = dict(budget=128, seeds=1, tasks=TASKS[:2], eval_samples=16)
 
 
 def task_id(name: str) -> str:
-    """``Compressibility`` or a full ID → the registered ID (``Denoise-Tiny-Compressibility-v0``)."""
+    """``Compressibility``, ``TinyFlow-Compressibility`` or a full ID → the registered ID."""
     import gymnasium as gym
 
-    full = name if name.startswith("Denoise-") else f"Denoise-Tiny-{name}-v0"
+    if name.startswith("Denoise-"):
+        full = name
+    else:
+        full = f"Denoise-{name}-v0" if name.startswith("TinyFlow-") else f"Denoise-Tiny-{name}-v0"
     if full not in gym.registry:
-        known = sorted(i for i in gym.registry if i.startswith("Denoise-Tiny-"))
+        known = sorted(i for i in gym.registry if i.startswith(("Denoise-Tiny-", "Denoise-TinyFlow-")))
         raise ValueError(f"unknown task {name!r}; expected one of {known} (or their middle part)")
     return full
+
+
+def short_name(task: str) -> str:
+    """``Denoise-Tiny-Compressibility-v0`` → ``Compressibility``; ``Denoise-TinyFlow-X-v0`` → ``TinyFlow-X``."""
+    return task.removeprefix("Denoise-").removesuffix("-v0").removeprefix("Tiny-")
 
 
 def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
@@ -141,9 +156,8 @@ def evaluate_run(cfg, policy: GaussianDenoisingPolicy, base: GaussianDenoisingPo
     import gymnasium as gym
 
     train_prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
-    out["train_eval"] = evaluate_policy(cfg, policy, train_prompts, num_samples=args.eval_samples)[
-        "reward_mean"
-    ]
+    train = evaluate_policy(cfg, policy, train_prompts, num_samples=args.eval_samples)
+    out["train_eval"], out["train_eval_std"] = train["reward_mean"], train["reward_std"]
     heldout = heldout_prompt_set(cfg) or HELDOUT_SETS.get("tiny_train")
     out["heldout_eval"] = evaluate_policy(cfg, policy, heldout, num_samples=args.eval_samples)["reward_mean"]
     out.update(drift_from_base(cfg, policy, base, args.eval_samples, seed=10_000))
@@ -206,7 +220,14 @@ def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-COLUMNS = ("final_reward", "train_eval", "heldout_eval", "kl_to_base", "kl_path", "fidelity")
+COLUMNS = ("final_reward", "train_eval", "d_train", "heldout_eval", "kl_to_base", "kl_path", "fidelity")
+
+
+def improvement_d(run: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """(the run's train-prompt eval reward − the base model's) / the std of the base model's rewards."""
+    if not base or not base.get("train_eval_std") or run.get("train_eval") is None:
+        return None
+    return (run["train_eval"] - base["train_eval"]) / base["train_eval_std"]
 
 
 def aggregate(results: list[dict[str, Any]], bases: dict[str, dict]) -> list[dict[str, Any]]:
@@ -215,9 +236,11 @@ def aggregate(results: list[dict[str, Any]], bases: dict[str, dict]) -> list[dic
         if task in bases:
             b = bases[task]
             rows.append({"task": task, "algo": "base model", "seeds": 0,
-                         **{c: [b.get(c), 0.0] for c in COLUMNS if c != "final_reward"}, "final_reward": [None, None]})  # fmt: skip
+                         **{c: [b.get(c), 0.0] for c in COLUMNS if c not in ("final_reward", "d_train")},
+                         "final_reward": [None, None], "d_train": [0.0, 0.0]})  # fmt: skip
         for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
-            rs = [r for r in results if r["task"] == task and r["algo"] == algo]
+            rs = [{**r, "d_train": improvement_d(r, bases.get(task))}
+                  for r in results if r["task"] == task and r["algo"] == algo]  # fmt: skip
             row = {"task": task, "algo": algo, "seeds": len(rs)}
             for c in COLUMNS:
                 vals = [r[c] for r in rs if r.get(c) is not None]
@@ -234,20 +257,21 @@ def _fmt(ms: list) -> str:
 
 
 def carried_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Runs of ``--carry-over``'s leaderboard for this invocation's tasks and other algorithms."""
+    """Runs of ``--carry-over``'s leaderboard that this invocation does not redo (another task or algorithm)."""
     if not getattr(args, "carry_over", None):
         return []
     old = json.loads(Path(args.carry_over).read_text())
     return [{**r, "carried_over": str(args.carry_over)} for r in old["runs"]
-            if r["task"] in args.tasks and r["algo"] not in args.algos]  # fmt: skip
+            if not (r["task"] in args.tasks and r["algo"] in args.algos)]  # fmt: skip
 
 
 def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
     carried = carried_runs(args)
     results = results + carried
+    tasks = list(dict.fromkeys([r["task"] for r in results] + list(args.tasks)))
     rows = aggregate(results, bases)
-    out = {"budget": args.budget, "seeds": args.seeds, "algos": args.algos, "tasks": args.tasks,
-           "complete": pending == 0, "pending_runs": pending, "rows": rows, "runs": results}  # fmt: skip
+    out = {"budget": args.budget, "seeds": args.seeds, "algos": args.algos, "tasks": tasks,
+           "complete": pending == 0, "pending_runs": pending, "rows": rows, "runs": results, "bases": bases}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "leaderboard.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [f"# Leaderboard: tiny tasks, {args.budget} reward queries per run",
@@ -256,11 +280,12 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
              f"Run time: {sum(r.get('total_s', 0.0) for r in results) / 60:.0f} min summed over the {len(results)} "
              "runs' own wall times (training + evaluation; `total_s` in each run).",
              *([f"Carried over unchanged from `{args.carry_over}` (not rerun): "
-                f"{', '.join(sorted({r['algo'] for r in carried}))}."] if carried else []), "",
-             "| task | algorithm | seeds | final reward | eval (train prompts) | eval (held-out) | KL/step to base | path KL | fidelity |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                f"{', '.join(sorted({short_name(r['task']) + ' ' + r['algo'] for r in carried}))}."] if carried else []),
+             "",
+             "| task | algorithm | seeds | final reward | eval (train prompts) | d (base std) | eval (held-out) | KL/step to base | path KL | fidelity |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        task = r["task"].removeprefix("Denoise-Tiny-").removesuffix("-v0")
+        task = short_name(r["task"])
         lines.append(
             f"| {task} | {r['algo']} | {r['seeds']} | " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |"
         )
@@ -297,7 +322,7 @@ def plot_curves(results: list[dict[str, Any]], args: argparse.Namespace) -> None
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(
-            args.out / f"leaderboard_{task.removeprefix('Denoise-Tiny-').removesuffix('-v0')}.png", dpi=100
+            args.out / f"leaderboard_{short_name(task)}.png", dpi=100
         )
         plt.close(fig)
 
@@ -313,8 +338,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", type=int, help="seeds per (task, algorithm) (default 3)")
     p.add_argument("--carry-over", type=Path, metavar="JSON",
-                   help="a leaderboard.json whose runs of other algorithms (not in --algos) join the table unchanged, "
-                        "marked as carried over: rerun only the algorithms whose code or config changed")  # fmt: skip
+                   help="a leaderboard.json whose runs of other (task, algorithm) pairs join the table unchanged, "
+                        "marked as carried over: rerun only the tasks and algorithms whose code or config changed")  # fmt: skip
     p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
     p.add_argument("--out", type=Path,
@@ -362,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # Seed-major order: a leaderboard stopped early still has every (task, algorithm) at seed 0.
     plan = [(t, a, s) for s in range(args.seeds) for t in args.tasks for a in args.algos]
     results, bases, ran = [], {}, 0
-    for task in args.tasks:
+    # Base models of every task in the table (carried-over tasks too: their rows get the same d column).
+    for task in dict.fromkeys(list(args.tasks) + [r["task"] for r in carried_runs(args)]):
         dist.on_main(lambda task=task: base_reference(task, args))
         bases[task] = base_reference(task, args)  # cached by the main process: every process reads it
     for i, (task, algo, seed) in enumerate(plan):

@@ -252,3 +252,18 @@ def test_local_pairs_maps_global_indices_to_owned_local_ones():
     assert lidx.tolist() == [2, 0, 1, 0] and sidx.tolist() == [0, 1, 0, 0] and a.tolist() == [50, 30, 40, 30]
     two = [DistContext(r, 2) for r in range(2)]
     assert [list(c.shard_range(4)) for c in two] == [[0, 1], [2, 3]]
+
+
+@pytest.mark.timeout(600)
+def test_two_processes_train_the_flow_family_as_one_process(tiny_sd3, tmp_path):
+    """The same two-process equivalence on the SD3-layout toy (flow SDE, LoRA on the MMDiT's projections)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    flow = _cfg(tiny_sd3, tmp_path / "flow2", lora_rank=2, clip_range=0.5, adam_epsilon=1e-4, eta=0.7,
+                guidance_scale=4.5, env_kwargs=dict(model=str(tiny_sd3), height=16, width=16,
+                                                    prompts=["a cat", "a dog", "a red circle"]))  # fmt: skip
+    launch({"out": str(out), "runs": [{"name": "flow", "config": flow}], "imports": []}, tmp_path)
+    ref = Trainer(TrainConfig(**{**flow, "run_dir": str(tmp_path / "flow1")}))
+    ref.train_epoch()
+    assert ref.env.family.name == "sd3-flow"
+    _compare(ref.trainable_state(), out, "flow", {})
