@@ -150,6 +150,17 @@ def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[te
     return tmp, build_random_model(Path(tmp.name) / size, size=size)
 
 
+# An SD3 folder's model_index.json without T5 (text_encoder_3 None, which the SD3 pipeline allows).
+SD3_MODEL_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}  # fmt: skip
+
+
 def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae_kwargs: dict,
                     transformer_kwargs: dict, scheduler_kwargs: dict, *, shift_factor: float | None = None) -> Path:  # fmt: skip
     """Save SD3-layout parts (two CLIP encoders with projection and tokenizers, VAE, transformer, flow scheduler)
@@ -167,13 +178,7 @@ def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae_kwa
     vae.save_pretrained(folder / "vae")
     SD3Transformer2DModel(**transformer_kwargs).save_pretrained(folder / "transformer")
     FlowMatchEulerDiscreteScheduler(**scheduler_kwargs).save_pretrained(folder / "scheduler")
-    index = {"_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(SD3_MODEL_INDEX, indent=2) + "\n")
     return folder
 
 
