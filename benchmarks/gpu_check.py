@@ -88,6 +88,9 @@ def report(rows: list[dict[str, Any]]) -> None:
     print(f"\n{'arch':12s} {'autocast':8s} {'sample call':>11s} {'train call':>10s} {'TFLOP/s s/t':>13s} "
           f"{'samples/s':>9s} {'|log ratio|':>11s} {'peak GB':>8s}")  # fmt: skip
     for r in rows:
+        if "error" in r:
+            print(f"{r['arch']:12s} {r['autocast']:8s} failed: {r['error'][:80]}")
+            continue
         print(f"{r['arch']:12s} {r['autocast']:8s} {r['sample_call_s']:10.3f}s {r['train_call_s']:9.3f}s "
               f"{r['sample_call_tflops']:6.0f}/{r['train_call_tflops']:<6.0f} {r['samples_per_s']:9.2f} "
               f"{r['first_abs_log_ratio']:11.2e} {r['peak_gpu_mem_gb']:8.1f}")  # fmt: skip
@@ -103,7 +106,13 @@ def main(argv=None) -> list[dict[str, Any]]:
     for arch in args.arch:
         for precision in PRECISIONS:
             print(f"{arch}, {precision} autocast: building, warming up, timing …", flush=True)
-            rows.append(check(arch, precision, args))
+            try:
+                rows.append(check(arch, precision, args))
+            except (RuntimeError, ValueError) as exc:  # out of memory, a non-finite reward …: the next row still runs
+                rows.append({"arch": arch, "autocast": precision, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                print(f"  failed: {rows[-1]['error']}", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
     report(rows)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
