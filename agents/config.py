@@ -200,6 +200,12 @@ class TrainConfig:
         "bf16 autocast).",
         choices=ATTENTION_IMPLS,
     )
+    gradient_checkpointing: bool = _doc(
+        False,
+        "Memory: recompute the network's activations in the backward pass instead of storing them (diffusers' "
+        "enable_gradient_checkpointing): training holds one block's activations instead of all, for one more "
+        "forward per training call. For full fine-tuning of large networks or large micro-batches.",
+    )
     recompute_old_log_probs: bool = _doc(
         False,
         "DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced "
@@ -318,7 +324,7 @@ class TrainConfig:
         """Keyword arguments of :class:`~agents.policy.GaussianDenoisingPolicy` that this config sets."""
         return dict(lora_rank=self.lora_rank, reduction=self.log_prob_reduction, channels_last=self.channels_last,
                     autocast_dtype=self.autocast_dtype, compile_network=self.compile_network,
-                    attention=self.attention)  # fmt: skip
+                    attention=self.attention, gradient_checkpointing=self.gradient_checkpointing)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -242,12 +242,19 @@ class UNetRecorder:
             return out
         return self._call(x, t, cond)
 
-    def replay(self) -> tuple[float, float]:
+    def replay(self, limit: int | None = None) -> tuple[float, float]:
         """Seconds of the recorded calls run alone, each in its grad mode, backward where one ran:
-        ``(sampling calls, training calls)`` (calls made in the module's eval / train mode)."""
+        ``(sampling calls, training calls)`` (calls made in the module's eval / train mode).
+
+        ``limit``: replay only the first ``limit`` calls of each kind (per-call times of a large model); how
+        many of each were replayed is left in :attr:`replayed`."""
         device = str(self.policy.device)
         seconds, was_training = [0.0, 0.0], self.policy.network.training
+        counts = [0, 0]
         for x, t, cond, backward, training, grad_mode in self.calls:
+            if limit is not None and counts[training] >= limit:
+                continue
+            counts[training] += 1
             self.policy.network.train(training)
             _sync(device)
             t0 = time.perf_counter()
@@ -260,6 +267,7 @@ class UNetRecorder:
         self.policy.network.train(was_training)
         for p in self.policy.network.parameters():
             p.grad = None
+        self.replayed = (counts[0], counts[1])
         return seconds[0], seconds[1]
 
     def flops(self) -> int:
@@ -322,10 +330,11 @@ def reference_update(
     return {"losses/ratio_dev_first": float(first_dev)}
 
 
-def build_side(cfg, name: str) -> SimpleNamespace:
-    """Env, policy, optimizer and stat tracker of one side of the comparison."""
+def build_side(cfg, name: str, network: torch.nn.Module | None = None) -> SimpleNamespace:
+    """Env, policy, optimizer and stat tracker of one side of the comparison (``network``: the policy's network
+    when the env's model family was built in memory and cannot load it)."""
     env = make_env(cfg)
-    policy = GaussianDenoisingPolicy.from_env(env, **cfg.policy_kwargs())
+    policy = GaussianDenoisingPolicy.from_env(env, network=network, **cfg.policy_kwargs())
     policy.eval()
     reward = TimedReward(env.reward_fn, cfg.device)
     env.reward_fn = reward
@@ -346,8 +355,10 @@ def _page_faults() -> int | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool) -> dict[str, Any]:
-    """One epoch of ``num_samples`` samples: collect (sampling + reward), normalise, update."""
+def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool,
+              replay_limit: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """One epoch of ``num_samples`` samples: collect (sampling + reward), normalise, update. With ``record`` the
+    epoch's network calls are then replayed alone (the first ``replay_limit`` of each kind, or all)."""
     cfg, device = side.cfg, side.cfg.device
     side.reward.seconds = 0.0
     side.recorder.calls, side.recorder.on = [], record
@@ -380,7 +391,8 @@ def run_epoch(side: SimpleNamespace, epoch: int, num_samples: int, record: bool)
     }  # fmt: skip
     if record:
         out["unet_calls"] = len(side.recorder.calls)
-        out["unet_pure_sample_s"], out["unet_pure_train_s"] = side.recorder.replay()
+        out["unet_pure_sample_s"], out["unet_pure_train_s"] = side.recorder.replay(replay_limit)
+        out["unet_replayed_calls"] = list(side.recorder.replayed)
         out["unet_pure_s"] = out["unet_pure_sample_s"] + out["unet_pure_train_s"]
         out["ratio_to_unet"] = out["epoch_s"] / out["unet_pure_s"]
     return out

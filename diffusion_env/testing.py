@@ -178,6 +178,17 @@ def temporary_random_model(size: str, prefix: str = "random-model-") -> tuple[te
     return tmp, build_random_model(Path(tmp.name) / size, size=size)
 
 
+# An SD3 folder's model_index.json without T5 (text_encoder_3 None, which the SD3 pipeline allows).
+SD3_MODEL_INDEX = {
+    "_class_name": "StableDiffusion3Pipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
+    "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}  # fmt: skip
+
+
 def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae, transformer, scheduler) -> Path:
     """Save SD3-layout parts (two CLIP encoders with projection and their tokenizers, ``AutoencoderKL``,
     ``SD3Transformer2DModel``, ``FlowMatchEulerDiscreteScheduler``) and a ``model_index.json`` without T5."""
@@ -192,14 +203,8 @@ def save_sd3_layout(folder: Path, text_encoders: list, tokenizers: list, vae, tr
     vae.save_pretrained(folder / "vae")
     transformer.save_pretrained(folder / "transformer")
     scheduler.save_pretrained(folder / "scheduler")
-    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
-             "_transformers_version": transformers.__version__,
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_3": [None, None],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-             "tokenizer_3": [None, None], "transformer": ["diffusers", "SD3Transformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKL"]}  # fmt: skip
+    index = {**SD3_MODEL_INDEX, "_diffusers_version": diffusers.__version__,
+             "_transformers_version": transformers.__version__}  # fmt: skip
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return folder
 
