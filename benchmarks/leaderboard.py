@@ -215,7 +215,9 @@ def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
     res = {"task": task, "algo": "base model", **evaluate_run(cfg, base, base, args)}
     env.close()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=1))
+    tmp = path.with_name(f".base.json.{os.getpid()}.tmp")  # atomic: processes sharing --runs may race here
+    tmp.write_text(json.dumps(res, indent=1))
+    os.replace(tmp, path)
     return res
 
 
@@ -266,6 +268,7 @@ def carried_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
+    pending += getattr(args, "not_run", 0)  # runs --existing-only found unfinished
     carried = carried_runs(args)
     results = results + carried
     tasks = list(dict.fromkeys([r["task"] for r in results] + list(args.tasks)))
@@ -340,6 +343,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--carry-over", type=Path, metavar="JSON",
                    help="a leaderboard.json whose runs of other (task, algorithm) pairs join the table unchanged, "
                         "marked as carried over: rerun only the tasks and algorithms whose code or config changed")  # fmt: skip
+    p.add_argument("--existing-only", action="store_true",
+                   help="only tabulate runs already finished in --runs (e.g. by several invocations side by side); "
+                        "train nothing")  # fmt: skip
     p.add_argument("--budget", type=int, help="reward queries per run (default 1024)")
     p.add_argument("--eval-samples", type=int, help="samples per evaluation (default 64)")
     p.add_argument("--out", type=Path,
@@ -391,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for task in dict.fromkeys(list(args.tasks) + [r["task"] for r in carried_runs(args)]):
         dist.on_main(lambda task=task: base_reference(task, args))
         bases[task] = base_reference(task, args)  # cached by the main process: every process reads it
+    args.not_run = 0
+    if args.existing_only:  # tabulate what other invocations finished; train nothing
+        finished = [(t, a, s) for t, a, s in plan if Path(run_config(t, a, s, args).run_dir, "result.json").exists()]
+        args.not_run, plan = len(plan) - len(finished), finished
     for i, (task, algo, seed) in enumerate(plan):
         t0 = time.perf_counter()
         res, did = run_one(task, algo, seed, args)
