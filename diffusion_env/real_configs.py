@@ -267,7 +267,8 @@ def _ddim_config(pndm: dict[str, Any]) -> dict[str, Any]:
 def build_real_size_model(folder: str | Path, arch: str = "sd35-medium", seed: int = 0, *, scale: str = "real",
                           dtype: torch.dtype = torch.float32) -> Path:  # fmt: skip
     """Write the random-weight ``arch`` of :func:`build_parts` to ``folder`` in the real layout (``load_family``
-    loads it like the downloaded model; SD3.5's ``model_index.json`` names no T5).
+    loads it like the downloaded model without T5: its ``model_index.json`` names T5, as the published one does,
+    but T5's folders are left out, so the family passes T5's 256 positions as zeros).
 
     Disk: 4 bytes per parameter in float32 (SD3.5-Medium about 12.6 GB, SD v1.4 about 4.3 GB); half in bf16.
     """
@@ -282,7 +283,8 @@ def build_real_size_model(folder: str | Path, arch: str = "sd35-medium", seed: i
         for key, encoder, tok in zip(_text_keys(arch), family.text_encoders, family.tokenizers):
             encoder.save_pretrained(folder / key)
             tok.save_pretrained(folder / key.replace("text_encoder", "tokenizer"))
-        index = SD3_MODEL_INDEX
+        index = {**SD3_MODEL_INDEX, "text_encoder_3": ["transformers", "T5EncoderModel"],
+                 "tokenizer_3": ["transformers", "T5TokenizerFast"]}  # as published; the folders are absent
     else:
         family.text_encoder.save_pretrained(folder / "text_encoder")
         family.tokenizer.save_pretrained(folder / "tokenizer")

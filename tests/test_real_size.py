@@ -83,6 +83,8 @@ def test_debug_model_round_trips_through_the_real_layout(arch, tmp_path):
     debug = rc.architecture(arch, "debug")
     width = debug["transformer"]["joint_attention_dim"] if arch == "sd35-medium" else debug["text_encoder"]["hidden_size"]
     assert cond.shape[2] == width
+    # Loaded from the folder it conditions alike: the index names T5 (as published), its folders are absent.
+    torch.testing.assert_close(loaded.condition(["a photo of a cat"])["encoder_hidden_states"], cond)
 
 
 def test_policy_gradient_checkpointing_is_switched_on_and_refused_where_missing():
