@@ -11,6 +11,12 @@ Named sets (DDPO paper, appendix A.4 and A.7):
 - ``ocr_words``: text-rendering prompts for the OCR reward, each asking for one quoted word or phrase
   (``OCR_WORDS``) in one of ``OCR_TEMPLATES`` (signs, shirts, covers), as OCR benchmarks phrase them.
 
+Named samplers (infinite distributions, :data:`PROMPT_SAMPLERS`):
+
+- ``tiny_train_scenes`` / ``tiny_heldout_scenes``: the caption of a freshly drawn tiny-world scene of the
+  training / held-out split, with the object-count mix the tiny models were trained on (one, two or three
+  objects with probabilities .4/.4/.2; a uniform draw from ``tiny_train`` is ~95% multi-object captions).
+
 A prompt distribution is built once per environment by :func:`make_prompt_sampler` and then drawn
 from with each sub-environment's own ``np.random.Generator``, so prompts are seeded like everything else.
 
@@ -99,10 +105,35 @@ PROMPT_SETS: dict[str, Callable[[], Sequence[str]]] = {
 }
 
 
+class SceneSampler:
+    """Captions of tiny-world scenes drawn from a split (``rewards.tinyworld.world.sample_scene``)."""
+
+    def __init__(self, split: str):
+        self.split = split
+
+    def __call__(self, rng: np.random.Generator) -> str:
+        from rewards.tinyworld import world
+
+        return world.caption(world.sample_scene(rng, split=self.split))
+
+    def __repr__(self) -> str:
+        return f"SceneSampler({self.split!r})"
+
+
+PROMPT_SAMPLERS: dict[str, Callable[[], PromptSampler]] = {
+    "tiny_train_scenes": lambda: SceneSampler("train"),
+    "tiny_heldout_scenes": lambda: SceneSampler("heldout"),
+}
+
+
 def prompt_set(name: str) -> tuple[str, ...]:
     """The prompts of a named set."""
+    if name in PROMPT_SAMPLERS:
+        raise ValueError(f"{name!r} is a prompt sampler (an infinite distribution), not a finite set; expected one "
+                         f"of {sorted(PROMPT_SETS)}")  # fmt: skip
     if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; expected one of {sorted(PROMPT_SETS)}")
+        raise ValueError(f"unknown prompt set {name!r}; expected one of {sorted(PROMPT_SETS)} (or a sampler: "
+                         f"{sorted(PROMPT_SAMPLERS)})")  # fmt: skip
     return tuple(PROMPT_SETS[name]())
 
 
@@ -128,13 +159,16 @@ class ListSampler:
 def make_prompt_sampler(prompts: str | Sequence[str] | PromptSampler) -> PromptSampler:
     """Build a sampler from a set name, a list of prompts, or a callable ``f(np_random) -> str``."""
     if isinstance(prompts, str):
+        if prompts in PROMPT_SAMPLERS:
+            return PROMPT_SAMPLERS[prompts]()
         return ListSampler(prompt_set(prompts))
     if callable(prompts):
         return prompts
     if isinstance(prompts, Sequence):
         return ListSampler(prompts)
     raise ValueError(
-        f"prompts is {type(prompts).__name__}; expected a prompt-set name {sorted(PROMPT_SETS)}, "
+        f"prompts is {type(prompts).__name__}; expected a prompt-set name {sorted(PROMPT_SETS)}, a sampler name "
+        f"{sorted(PROMPT_SAMPLERS)}, "
         "a list of strings, or a callable np_random -> str"
     )
 

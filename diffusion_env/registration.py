@@ -45,6 +45,8 @@ TINY_TASKS = {
     "Compressibility": dict(reward="jpeg_compressibility", prompts="tiny_train"),
     "Incompressibility": dict(reward="jpeg_incompressibility", prompts="tiny_train"),
     "PromptAlignment": dict(reward="tiny_prompt_alignment", prompts="tiny_train"),
+    # GenEval-style rule reward (rewards/tinyworld/geneval.py) on scenes with the training object-count mix
+    "GenEval": dict(reward="tiny_geneval", prompts="tiny_train_scenes"),
 }
 
 

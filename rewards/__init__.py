@@ -41,6 +41,7 @@ from rewards.ocr import OcrReward
 from rewards.pickscore import PickScoreReward
 from rewards.remote import RemoteReward, serve_reward_in_thread
 from rewards.server import serve_in_thread
+from rewards.tinyworld.geneval import TinyGenEval
 from rewards.vlm_judge import VlmJudgeReward
 
 _REGISTRY: dict[str, Callable[..., RewardFn]] = {}
@@ -91,6 +92,7 @@ register_reward("weighted_sum", WeightedSum)
 register_reward("aesthetic", AestheticReward)
 register_reward("prompt_alignment", PromptAlignmentReward)
 register_reward("tiny_prompt_alignment", TinyPromptAlignment)
+register_reward("tiny_geneval", TinyGenEval)
 register_reward("pickscore", PickScoreReward)
 register_reward("hpsv2", HPSv2Reward)
 register_reward("image_reward", ImageRewardReward)
@@ -119,6 +121,7 @@ __all__ = [
     "RewardHandle",
     "RemoteReward",
     "RewardServerError",
+    "TinyGenEval",
     "TinyPromptAlignment",
     "VlmJudgeReward",
     "WeightedSum",
