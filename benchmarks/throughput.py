@@ -69,6 +69,16 @@ from diffusion_env.models import TINY_MODEL_PATH
 
 DEFAULT_ENV = "Denoise-Tiny-Compressibility-v0"
 TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
+# The reference style (TRL's DDPOTrainer, ddpo-pytorch) as TrainConfig values: eager fp32, sample and train
+# batches of 16, SDPA attention, contiguous memory, nothing compiled or recomputed. Training calls of 16 pairs:
+# the shape of ``reference_update``'s call per timestep (16 samples at one timestep each), which ignores
+# micro_batch_size; through the library's own update (a ``denoise-gym train`` run, benchmarks/end_to_end.py)
+# the same setting makes one forward/backward per 16 (sample, timestep) pairs. Every "Speed:" field of
+# TrainConfig is set here (tests/test_end_to_end_bench.py checks it).
+REFERENCE_STYLE: dict[str, Any] = dict(
+    sample_batch_size=16, train_batch_size=16, micro_batch_size=16, channels_last=False, autocast_dtype=None,
+    compile_network=False, recompute_old_log_probs=False, attention="sdpa",
+)  # fmt: skip
 # --bf16 auto: bf16 only where the hardware multiplies in bf16 this many times faster than in fp32. With
 # less (AVX512-BF16 without AMX: 2.3x on an AMD EPYC) bf16 autocast was slower than fp32 for the tiny UNet
 # (measured with the fused SDPA attention, whose bf16 CPU backward is slow in itself); with AMX (6-7x on a
@@ -558,10 +568,7 @@ def main(argv=None) -> dict[str, Any]:
     ).validate()  # fmt: skip
     sides = [build_side(opt_cfg, "optimised")]
     if args.baseline:
-        base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
-            sample_batch_size=16, channels_last=False, autocast_dtype=None, compile_network=False,
-            recompute_old_log_probs=False, attention="sdpa",
-        ).validate()  # fmt: skip
+        base_cfg = preset_config(args.preset, "ddpo-is", **common).replace(**REFERENCE_STYLE).validate()
         sides.insert(0, build_side(base_cfg, "baseline"))
     env = sides[-1].env
     settings = {"env_id": args.env, "model": model or "env default", "model_kind": model_kind,
