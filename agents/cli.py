@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere, not only before the subcommand
     argv = [a for a in argv if a != "--debug"]
-    parser = build_parser(algo_of_command_line(argv) if argv[:1] == ["train"] else None)
+    parser = build_parser(algo_of_command_line(argv)) if argv[:1] == ["train"] else build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         option = next((a for a in unknown if a.startswith("--")), None)

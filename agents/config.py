@@ -92,7 +92,7 @@ class _SharedFields:
     )
     algo: str = _doc(
         "ddpo-is",
-        "Algorithm: a registered one (listed below; agents.register_algo adds one). Its own settings are "
+        "Algorithm: a registered one (listed below; agents.registry.register_algo adds one). Its own settings are "
         "algo_config's fields: `denoise-gym train --algo NAME --help` lists them.",
     )
     algo_config: Any = _doc(
@@ -274,9 +274,10 @@ class TrainConfig(_SharedFields):
         cls, ac = algo_config_class(self.algo), self.algo_config
         known = field_names(cls)
         if isinstance(ac, dict):
-            have = f"expected one of its fields {known}" if known else "it has no settings of its own: expected none"
-            return [f"{k}={ac[k]!r:.80}: algorithm {self.algo!r} has no setting {k!r}; {have} "
-                    f"(`denoise-gym train --algo {self.algo} --help` lists them)" for k in sorted(set(ac) - set(known))]  # fmt: skip
+            have = (f"expected one of its fields {known} (`denoise-gym train --algo {self.algo} --help` lists them)"
+                    if known else "it has no settings of its own: expected none")  # fmt: skip
+            return [f"{k}={ac[k]!r:.80}: algorithm {self.algo!r} has no setting {k!r}; {have}"
+                    for k in sorted(set(ac) - set(known))]  # fmt: skip
         if not isinstance(ac, cls):
             return [f"algo_config is a {type(ac).__name__}: expected {self.algo}'s {cls.__name__} or a dict of its "
                     "fields"]  # fmt: skip

@@ -99,7 +99,7 @@ def register_algo(name: str, update: UpdateFn, config: type | None = None, prese
             reference is the policy's own network with its adapters switched off, no copy.
         override: replace an algorithm registered under ``name``.
     """
-    from agents.config import PRESETS
+    from agents.config import PRESETS, TrainConfig
     from agents.fields import StepBatchesConfig
 
     if name in _ALGOS and not override:
@@ -111,6 +111,12 @@ def register_algo(name: str, update: UpdateFn, config: type | None = None, prese
     unknown = sorted(set(presets or {}) - set(PRESETS))
     if unknown:
         raise ValueError(f"register_algo({name!r}): unknown presets {unknown}; expected some of {sorted(PRESETS)}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(config)}
+    for preset, values in (presets or {}).items():
+        bad = sorted(set(values) - known) if isinstance(values, dict) else []
+        if bad:
+            raise ValueError(f"register_algo({name!r}): preset {preset!r} sets {bad}, fields of neither TrainConfig "
+                             f"nor {config.__name__}; expected some of {sorted(known)}")  # fmt: skip
     _SPECS[name] = AlgoSpec(name, update, config, dict(presets or {}), reference, _extras(update))
     _ALGOS[name] = update
 
