@@ -218,13 +218,13 @@ def algo_of_command_line(argv: list[str]) -> str:
             return argv[i + 1]
         if arg.startswith("--algo="):
             return arg.split("=", 1)[1]
-    for i, arg in enumerate(argv):
-        run = argv[i + 1] if arg == "--resume" and i + 1 < len(argv) else arg.split("=", 1)[1] if arg.startswith("--resume=") else None
-        if run:
-            try:
-                return str(json.loads((Path(run) / "config.json").read_text())["algo"])
-            except (OSError, ValueError, KeyError, TypeError):
-                break
+    runs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"]
+    runs += [a.split("=", 1)[1] for a in argv if a.startswith("--resume=")]
+    if runs:
+        try:
+            return str(json.loads((Path(runs[0]) / "config.json").read_text())["algo"])
+        except (OSError, ValueError, KeyError, TypeError):  # reported when the run is loaded
+            pass
     return TrainConfig.algo
 
 

@@ -439,7 +439,8 @@ class Trainer:
         state = {
             "epoch": self.epoch, "reward_queries": self.reward_queries, "optimizer": opt_meta,
             "tracker": self.tracker.state_dict(), "config": redact(self.cfg.to_dict()), "format": 1,
-            "algo_state": algo_json, "algo_state_tensors": sorted(algo_tensors),
+            "algo_state": algo_json, "algo_state_tensors": {k: str(v.device) for k, v in self.algo_state.items()
+                                                            if isinstance(v, torch.Tensor)},
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, default=_unserializable))
         for f in tmp.iterdir():
@@ -472,9 +473,9 @@ class Trainer:
             weights = load_file(str(folder / "weights.safetensors"))
             opt_tensors = load_file(str(folder / "optimizer.safetensors"))
             epoch, queries = int(state["epoch"]), int(state["reward_queries"])
-            tensor_keys = state.get("algo_state_tensors") or []  # checkpoints before the algorithm API: none
-            algo_tensors = load_file(str(folder / "algo_state.safetensors")) if tensor_keys else {}
-            algo_state = {**state.get("algo_state", {}), **{k: algo_tensors[k] for k in tensor_keys}}
+            devices = state.get("algo_state_tensors") or {}  # name -> device; checkpoints before the algorithm API: none
+            algo_tensors = load_file(str(folder / "algo_state.safetensors")) if devices else {}
+            algo_state = {**state.get("algo_state", {}), **{k: algo_tensors[k] for k in devices}}
         except Exception as exc:  # truncated, foreign or missing files
             raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
                              "expected weights.safetensors, optimizer.safetensors and state.json"
@@ -483,8 +484,7 @@ class Trainer:
             load_trainable_weights(self.policy.network, weights)
             _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
             self.tracker.load_state_dict(state["tracker"])
-            device = self.policy.device
-            self.algo_state = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in algo_state.items()}
+            self.algo_state = {k: v.to(devices[k]) if k in devices else v for k, v in algo_state.items()}  # where it was
         except Exception as exc:
             raise ValueError(f"checkpoint {folder} does not fit this run ({type(exc).__name__}: {exc}); "
                              "expected one written by a run with the same model and settings") from exc  # fmt: skip

@@ -257,6 +257,17 @@ def test_builtin_algorithms_keep_their_flags():
     assert (cfg.algo_config.rwr_beta, cfg.algo_config.rwr_cfg_training) == (3.0, False)
 
 
+def test_a_resumed_run_takes_its_own_algorithm_s_options(tmp_path):
+    from agents.cli import algo_of_command_line, build_parser
+
+    (tmp_path / "config.json").write_text(json.dumps(TrainConfig(algo="grpo", samples_per_prompt=2).to_dict()))
+    assert algo_of_command_line(["train", "--resume", str(tmp_path), "--beta", "0.1"]) == "grpo"
+    assert algo_of_command_line(["train", "--algo=rwr"]) == "rwr"
+    assert algo_of_command_line(["train", "--resume", str(tmp_path / "none")]) == TrainConfig.algo
+    args = build_parser("grpo").parse_args(["train", "--resume", str(tmp_path), "--beta", "0.1"])
+    assert args.beta == 0.1 and "beta" in args.algo_fields
+
+
 # ------------------------------------------------------------------------------------------ shared options
 def test_train_timesteps_windows():
     assert parse_train_timesteps("all", 10) is None
