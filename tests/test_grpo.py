@@ -108,6 +108,17 @@ def test_kl_to_the_reference_is_zero_at_the_first_step_then_positive(tiny_sd, tm
     tr.close()
 
 
+def test_grpo_trains_the_flow_family_with_its_kl(tiny_sd3, tmp_path):
+    """The SD3-layout toy (flow SDE, guidance 4.5): the same KL behaviour, LoRA on the MMDiT's projections."""
+    env_kwargs = dict(model=str(tiny_sd3), height=16, width=16, prompts=["a cat", "a dog", "a red circle"])
+    tr = Trainer(_cfg(tiny_sd3, tmp_path / "run", lora_rank=2, eta=0.7, guidance_scale=4.5, env_kwargs=env_kwargs))
+    assert tr.env.family.name == "sd3-flow"
+    hist = tr.train()
+    assert hist[0]["losses/kl_ref"] == 0.0 and hist[1]["losses/kl_ref"] > 0.0
+    assert all(np.isfinite(h["losses/policy_loss"]) and h["losses/optimizer_steps"] == 1 for h in hist)
+    tr.close()
+
+
 def test_beta_zero_needs_no_reference(tiny_sd, tmp_path):
     tr = Trainer(_cfg(tiny_sd, tmp_path / "run", beta=0.0, num_epochs=1))
     assert tr.reference is None
