@@ -5,7 +5,9 @@
     denoise-gym eval --run runs/Denoise-Tiny-Compressibility-v0-ddpo-is-s0
     denoise-gym sample --run RUN_DIR --prompt "a red circle" --prompt "a blue square" --out grid.png
 
-Every :class:`~agents.config.TrainConfig` field is an option (``--field-name VALUE``).
+Every :class:`~agents.config.TrainConfig` field is an option (``--field-name VALUE``), and so is every field
+of the chosen algorithm's own config (``denoise-gym train --algo NAME --help`` lists them); an option of
+another algorithm is refused with the list of the chosen one's.
 
 Expected failures (missing weights, no checkpoint, a run directory in use, permission denied, a full
 disk, an unreachable reward server, a bad option) print one line saying what failed and what to do,
@@ -28,7 +30,7 @@ from agents import errors
 from agents.cliargs import HelpFormatter, OneLineParser, add_dataclass_options, format_default, given_options
 from agents.config import PRESETS, TrainConfig, preset_config
 
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "algo_config")  # shared options
 
 
 def _load_run_config(run: str) -> TrainConfig:
@@ -84,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from agents.progress import INTERRUPTED, describe_stop, finished_reason
     from agents.trainer import Trainer
 
-    overrides = given_options(args, CONFIG_FIELDS)
+    overrides = given_options(args, CONFIG_FIELDS + tuple(args.algo_fields))
     if args.from_checkpoint and not args.resume:
         raise ValueError(f"--from-checkpoint {args.from_checkpoint}: expected it together with --resume RUN_DIR")
     if args.resume:
@@ -208,7 +210,54 @@ value for --algo. Ctrl-C stops after the current epoch's checkpoint and prints t
 the run; a second Ctrl-C stops at once."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def algo_of_command_line(argv: list[str]) -> str:
+    """The algorithm a ``train`` command line is about: its ``--algo``, else that of the run ``--resume`` names
+    (read from its config.json when readable), else the default."""
+    for i, arg in enumerate(argv):
+        if arg == "--algo" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--algo="):
+            return arg.split("=", 1)[1]
+    runs = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--resume"]
+    runs += [a.split("=", 1)[1] for a in argv if a.startswith("--resume=")]
+    if runs:
+        try:
+            return str(json.loads((Path(runs[0]) / "config.json").read_text())["algo"])
+        except (OSError, ValueError, KeyError, TypeError):  # reported when the run is loaded
+            pass
+    return TrainConfig.algo
+
+
+def add_algo_options(parser: argparse.ArgumentParser, algo: str) -> list[str]:
+    """The options of ``algo``'s own config fields, as a group of ``parser``; returns the field names."""
+    from agents.registry import find_algo
+
+    spec = find_algo(algo) or find_algo(TrainConfig.algo)
+    cls = spec.config
+    fields = [f.name for f in dataclasses.fields(cls)]
+    group = parser.add_argument_group(
+        f"options of {spec.name} ({cls.__module__}.{cls.__qualname__}; another algorithm's: --algo NAME --help)",
+        None if fields else f"{spec.name} has no settings of its own.",
+    )
+    return add_dataclass_options(group, cls)
+
+
+def unknown_option_message(option: str, algo: str, algo_fields: list[str]) -> str:
+    """One line for an option the chosen algorithm does not have: whose option it is, and the known ones."""
+    from agents.config import algo_config_class
+    from agents.registry import registered_algos
+
+    name = option.split("=", 1)[0].removeprefix("--").removeprefix("no-").replace("-", "_")
+    owners = [a for a in registered_algos() if name in [f.name for f in dataclasses.fields(algo_config_class(a))]]
+    whose = f" (an option of {', '.join(owners)})" if owners else ""
+    known = ", ".join("--" + f.replace("_", "-") for f in algo_fields) or "none"
+    return (f"{option.split('=', 1)[0]}: algorithm {algo!r} has no such option{whose}; expected one of its own "
+            f"({known}) or a shared one (see `denoise-gym train --algo {algo} --help`)")
+
+
+def build_parser(algo: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; ``train`` takes the options of ``algo``'s config (default: the default
+    algorithm's)."""
     from agents.registry import registered_algos
 
     parser = OneLineParser(prog="denoise-gym", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
@@ -226,10 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-checkpoint", metavar="NAME",
                    help="with --resume: continue from this checkpoint folder of RUN_DIR/checkpoints, e.g. "
                         "ckpt-0003 (default: the one checkpoints/latest names)")  # fmt: skip
-    add_dataclass_options(p, TrainConfig, choices={"algo": registered_algos()}, flags={"env_id": "--env"},
+    add_dataclass_options(p, TrainConfig, skip=("algo_config",), choices={"algo": registered_algos()},
+                          flags={"env_id": "--env"},
                           notes={"env_id": "The registered IDs are listed below.",
                                  "algo": "Each is described below."})  # fmt: skip
-    p.set_defaults(func=cmd_train)
+    algo_fields = add_algo_options(p, algo or TrainConfig.algo)
+    p.set_defaults(func=cmd_train, algo_fields=algo_fields, algo_name=algo or TrainConfig.algo)
     p = sub.add_parser("eval", help="reward of a run's checkpoint on training and held-out prompts",
                        description="Mean reward of a run's latest checkpoint at fixed seeds, on the training "
                                    "prompts and on the held-out prompt set.", formatter_class=HelpFormatter)  # fmt: skip
@@ -268,7 +319,15 @@ def _run_dir_of(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted anywhere, not only before the subcommand
-    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser(algo_of_command_line(argv)) if argv[:1] == ["train"] else build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = next((a for a in unknown if a.startswith("--")), None)
+        if option is None or getattr(args, "command", None) != "train":
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        train = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+        train.exit(2, f"{train.prog}: error: {unknown_option_message(option, args.algo_name, args.algo_fields)}\n")
     import warnings
 
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning

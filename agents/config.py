@@ -1,52 +1,38 @@
 """One typed configuration per training run, with presets (DDPO appendix A.6, Flow-GRPO's SD3.5 and tiny CPU
-ones)."""
+ones).
+
+:class:`TrainConfig` holds what every algorithm shares; an algorithm's own settings are its registered config
+dataclass, nested as ``cfg.algo_config`` (``agents.registry.register_algo(..., config=...)``). For
+convenience the algorithm's fields may be given and read flat: ``TrainConfig(algo="ddpo-is", clip_range=1e-3)``
+puts ``clip_range`` into ``algo_config``, and ``cfg.clip_range`` reads it from there. Presets are registered
+by each algorithm (:func:`preset_config`); the sizes they share are :data:`TINY_COMMON`, :data:`SD14_COMMON`
+and :data:`SD35_COMMON`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any
 
+from agents.fields import doc_field as _doc
+from agents.fields import field_names, type_errors
+from agents.fields import largest_divisor as _largest_divisor  # noqa: F401  (kept for importers)
 from agents.policy import ATTENTION_IMPLS
-from agents.registry import registered_algos
 
 RENAMED = {"compile_unet": "compile_network"}  # old field name -> current one
-ALGOS = ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse")
+# Fields that config.json files written before the algorithm API held flat; they now belong to the algorithms
+# that have them (``from_dict`` moves each into ``algo_config`` where the run's algorithm has it, else drops it).
+LEGACY_ALGO_FIELDS = ("num_inner_epochs", "clip_range", "rwr_beta", "rwr_weighting", "rwr_cfg_training",
+                      "rwr_sparse_quantile", "rwr_updates_per_epoch", "recompute_old_log_probs")  # fmt: skip
+PRESETS = ("sd14", "sd35", "tiny")  # the preset names; each algorithm registers its values for them
+_TRAIN_TIMESTEPS = re.compile(r"all|(first|last):(\d+)|(\d+):(\d+)")
 
 
-def _type_errors(cfg: TrainConfig) -> list[str]:
-    """Fields whose value does not have the annotated type (bools are not ints; ints are floats)."""
-    hints = typing.get_type_hints(type(cfg))
-    errors = []
-    for f in dataclasses.fields(cfg):
-        value, tp = getattr(cfg, f.name), hints[f.name]
-        allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
-        allowed = tuple(typing.get_origin(a) or a for a in allowed)
-        ok = any(
-            value is None if a is type(None)
-            else isinstance(value, (int, float)) and not isinstance(value, bool) if a is float
-            else isinstance(value, int) and not isinstance(value, bool) if a is int
-            else isinstance(value, a)
-            for a in allowed
-        )  # fmt: skip
-        if not ok:
-            names = " or ".join("None" if a is type(None) else a.__name__ for a in allowed)
-            errors.append(f"{f.name}={value!r:.80}: expected {names}")
-    return errors
-
-
-def _doc(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    """A dataclass field with its documentation (and allowed values) in ``metadata``.
-
-    Mutable defaults (dicts, lists) become a ``default_factory`` that returns a fresh copy.
-    """
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
+def _type_errors(cfg: Any) -> list[str]:
+    return type_errors(cfg, skip=("algo_config",))
 
 
 def field_help(name: str) -> str:
@@ -54,20 +40,51 @@ def field_help(name: str) -> str:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)}[name]
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    """The largest divisor of ``n`` that is <= ``at_most`` (pairs d, n/d up to √n; bounded work for huge n)."""
-    best, d = 1, 1
-    while d * d <= n and d <= 1_000_000:
-        if n % d == 0:
-            best = max([best] + [c for c in (d, n // d) if c <= at_most])
-        d += 1
-    return best
+def algo_config_class(algo: Any) -> type | None:
+    """The config dataclass ``algo`` registered (None for an unknown algorithm)."""
+    from agents.registry import find_algo
+
+    spec = find_algo(algo) if isinstance(algo, str) else None
+    return spec.config if spec is not None else None
+
+
+def resolve_algo_config(algo: Any, value: Any) -> Any:
+    """``value`` as an instance of ``algo``'s config class where it can be: None gives the defaults, a dict of its
+    fields an instance. Anything else (an unknown algorithm, a dict naming fields it lacks) is kept as it is, for
+    :meth:`TrainConfig.validate` to report."""
+    cls = algo_config_class(algo)
+    if cls is None:
+        return value
+    if value is None:
+        return cls()
+    if isinstance(value, dict) and set(value) <= set(field_names(cls)):
+        return cls(**value)
+    return value
+
+
+def parse_train_timesteps(spec: str, num_steps: int) -> tuple[int, int] | None:
+    """The step window ``[a, b)`` that ``train_timesteps`` names for ``num_steps`` steps (None: all of them).
+
+    Raises ValueError when the window does not fit the schedule."""
+    m = _TRAIN_TIMESTEPS.fullmatch(spec.strip()) if isinstance(spec, str) else None
+    if m is None:
+        raise ValueError(f"train_timesteps={spec!r}: expected 'all', 'first:K', 'last:K' or 'A:B'")
+    if spec.strip() == "all":
+        return None
+    if m.group(1):
+        k = int(m.group(2))
+        a, b = (0, k) if m.group(1) == "first" else (num_steps - k, num_steps)
+    else:
+        a, b = int(m.group(3)), int(m.group(4))
+    if not 0 <= a < b <= num_steps:
+        raise ValueError(f"train_timesteps={spec!r} is steps {a}…{b - 1} of a {num_steps}-step schedule: expected "
+                         f"a non-empty window within steps 0…{num_steps - 1}")  # fmt: skip
+    return (a, b) if (a, b) != (0, num_steps) else None
 
 
 @dataclass
-class TrainConfig:
-    """Every setting of a run. Each field's documentation is its ``metadata["help"]`` (see :func:`_doc`):
-    the command line's help (agents/cli.py) is generated from it, so this class stays the one source."""
+class _SharedFields:
+    """The fields of :class:`TrainConfig` (which adds the flat keyword arguments of the algorithm's fields)."""
 
     env_id: str = _doc(
         "Denoise-Tiny-Compressibility-v0",
@@ -75,8 +92,13 @@ class TrainConfig:
     )
     algo: str = _doc(
         "ddpo-is",
-        "Algorithm: one of ddpo-is, ddpo-sf, rwr, rwr-sparse (or one registered with "
-        "agents.register_algo).",
+        "Algorithm: a registered one (listed below; agents.registry.register_algo adds one). Its own settings are "
+        "algo_config's fields: `denoise-gym train --algo NAME --help` lists them.",
+    )
+    algo_config: Any = _doc(
+        None,
+        "The algorithm's own settings: an instance of the config dataclass it registered, or a dict of its "
+        "fields (None: its defaults). Keyword arguments and options naming its fields set them.",
     )
     seed: int = _doc(
         0,
@@ -98,9 +120,9 @@ class TrainConfig:
     sample_batch_size: int = _doc(64, "Lockstep trajectories per environment episode (the env's num_envs).")
     samples_per_prompt: int = _doc(
         1,
-        "Trajectories per drawn prompt in a sample batch (1: every trajectory draws its own prompt). "
-        "Groups of repeated prompts give per-prompt statistics and RWR's per-prompt weights something "
-        "to compare.",
+        "Trajectories per drawn prompt in a sample batch (1: every trajectory draws its own prompt): the "
+        "group size G. Groups of repeated prompts give per-prompt statistics, group-relative advantages and "
+        "per-prompt weights something to compare.",
     )
     train_batch_size: int = _doc(
         64,
@@ -111,21 +133,23 @@ class TrainConfig:
         "(sample, timestep) pairs per forward/backward call (memory bound); gradients accumulate over "
         "calls.",
     )
-    num_inner_epochs: int = _doc(
-        1,
-        "Passes over the epoch's samples (DDPO-IS: several PPO passes; DDPO-SF must be 1).",
+    timestep_fraction: float = _doc(
+        1.0,
+        "Fraction of each trajectory's trainable steps (see train_timesteps) trained on, a random subset per "
+        "sample of round(f × steps) of them (0 < f <= 1).",
     )
-    timestep_fraction: float = _doc(1.0, "Fraction of each trajectory's timesteps trained on (0 < f <= 1).")
+    train_timesteps: str = _doc(
+        "all",
+        "Which denoising steps are trained on (the others are still sampled with the policy, and every sample "
+        "still costs one reward query): \"all\", \"first:K\" (the K highest-noise steps), \"last:K\", or "
+        "\"A:B\" (steps A … B-1, counted from 0 at pure noise).",
+    )
     learning_rate: float = _doc(1e-5, "AdamW learning rate.")
     adam_beta1: float = _doc(0.9, "AdamW β1.")
     adam_beta2: float = _doc(0.999, "AdamW β2.")
     adam_weight_decay: float = _doc(1e-4, "AdamW weight decay (appendix A.6: 1e-4).")
     adam_epsilon: float = _doc(1e-8, "AdamW ε.")
     max_grad_norm: float = _doc(1.0, "Gradient clipping by global norm.")
-    clip_range: float = _doc(
-        1e-4,
-        "PPO clip range ε of DDPO-IS (appendix A.1: 1e-4, tuned for mean-reduced log-probs).",
-    )
     adv_clip_max: float = _doc(5.0, "Advantages are clipped to ±adv_clip_max.")
     per_prompt_buffer_size: int = _doc(
         32,
@@ -135,31 +159,6 @@ class TrainConfig:
         16,
         "Rewards a prompt needs before its own statistics replace the batch's.",
     )
-    rwr_beta: float = _doc(
-        0.2,
-        "RWR inverse temperature β of the per-prompt softmax weights, in the reward's units (appendix A.6: 0.2 "
-        "for SD v1.4's tasks; the tiny presets set it per task so that β × the base model's reward spread is "
-        "about 1).",
-    )
-    rwr_weighting: str = _doc(
-        "reward",
-        "RWR weights: softmax of β × \"reward\" per prompt (appendix A.2/A.3), or of β × the normalised, "
-        "clipped \"advantage\" (an ablation; the weighting before the model seam).",
-        choices=("reward", "advantage"),
-    )
-    rwr_cfg_training: bool = _doc(
-        True,
-        "RWR and RWR-sparse regress the classifier-free-guided prediction at the run's guidance scale (CFG "
-        "training, appendix B.1); off: the conditional prediction only (an ablation, Figure 8).",
-    )
-    rwr_sparse_quantile: float = _doc(
-        0.9,
-        "RWR-sparse keeps samples at or above this per-prompt quantile (0.9: bottom 90% dropped).",
-    )
-    rwr_updates_per_epoch: int = _doc(
-        8,
-        "RWR optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
-    )
     lora_rank: int | None = _doc(None, "LoRA rank (None: full fine-tuning of the network).")
     log_prob_reduction: str = _doc(
         "mean",
@@ -167,6 +166,11 @@ class TrainConfig:
         choices=("mean", "sum"),
     )
     guidance_scale: float | None = _doc(None, "Classifier-free guidance weight (None: the env's).")
+    cfg_free: bool = _doc(
+        False,
+        "CFG-free: sample, train and draw the grids without classifier-free guidance (scale 1, one network "
+        "call per step: the conditional prediction). Leave guidance_scale unset (or 1).",
+    )
     eta: float | None = _doc(
         None, "The sampler's stochasticity: DDIM η for SD v1, the SDE noise level a for flow models (None: the "
         "env's; must be > 0)."
@@ -206,11 +210,6 @@ class TrainConfig:
         "enable_gradient_checkpointing): training holds one block's activations instead of all, for one more "
         "forward per training call. For full fine-tuning of large networks or large micro-batches.",
     )
-    recompute_old_log_probs: bool = _doc(
-        False,
-        "DDPO-IS: recompute old log-probs in the training micro-batches before the first pass (reduced "
-        "precision).",
-    )
     async_rewards: bool = _doc(
         False,
         "Compute each batch's rewards in a worker thread while the next batch is sampled.",
@@ -233,15 +232,78 @@ class TrainConfig:
         "would end past it (the first epoch always runs).",
     )
 
+
+    def __post_init__(self) -> None:
+        self.algo_config = resolve_algo_config(self.algo, self.algo_config)
+
+
+_SHARED_NAMES = frozenset(f.name for f in dataclasses.fields(_SharedFields))
+
+
+class TrainConfig(_SharedFields):
+    """Every setting of a run: the shared fields below, and the algorithm's own in ``algo_config``.
+
+    Each field's documentation is its ``metadata["help"]`` (see :func:`agents.fields.doc_field`): the command
+    line's help (agents/cli.py) is generated from it, so the dataclasses stay the one source. Keyword arguments
+    that name fields of the algorithm's config go into ``algo_config``, and reading such a name on the config
+    reads it from there (``cfg.clip_range`` is ``cfg.algo_config.clip_range``); a name the algorithm does not
+    have is reported by :meth:`validate` with the list of those it has.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        own = {k: kwargs.pop(k) for k in list(kwargs) if k not in _SHARED_NAMES}
+        if own:  # fields of the algorithm's config, given flat: merged onto algo_config
+            base = kwargs.get("algo_config")
+            if dataclasses.is_dataclass(base) and not isinstance(base, type):
+                base = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            kwargs["algo_config"] = {**(base if isinstance(base, dict) else {}), **own}
+        super().__init__(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """Fields of the algorithm's config, read flat (only called when ``name`` is not a shared field)."""
+        if name.startswith("__") or name == "algo_config":
+            raise AttributeError(name)
+        ac = self.__dict__.get("algo_config")
+        if isinstance(ac, dict) and name in ac:
+            return ac[name]
+        if dataclasses.is_dataclass(ac) and name in field_names(ac):
+            return getattr(ac, name)
+        raise AttributeError(f"TrainConfig has no field {name!r}, and algorithm {self.__dict__.get('algo')!r} "
+                             "has no setting of that name")  # fmt: skip
+
+    def algo_field_names(self) -> list[str]:
+        """The fields of the algorithm's config (empty for an unknown algorithm)."""
+        cls = algo_config_class(self.algo)
+        return field_names(cls) if cls is not None else []
+
+    def _algo_config_errors(self) -> list[str]:
+        cls, ac = algo_config_class(self.algo), self.algo_config
+        known = field_names(cls)
+        if isinstance(ac, dict):
+            have = (f"expected one of its fields {known} (`denoise-gym train --algo {self.algo} --help` lists them)"
+                    if known else "it has no settings of its own: expected none")  # fmt: skip
+            return [f"{k}={ac[k]!r:.80}: algorithm {self.algo!r} has no setting {k!r}; {have}"
+                    for k in sorted(set(ac) - set(known))]  # fmt: skip
+        if not isinstance(ac, cls):
+            return [f"algo_config is a {type(ac).__name__}: expected {self.algo}'s {cls.__name__} or a dict of its "
+                    "fields"]  # fmt: skip
+        errors = type_errors(ac)
+        if errors or not hasattr(ac, "validate"):  # the algorithm's checks compare values: types first
+            return errors
+        return list(ac.validate(self))
+
     def validate(self) -> TrainConfig:
-        """Refuse settings that make no sense, with a message that says how to fix them."""
+        """Refuse settings that make no sense, with a message that says how to fix them (the algorithm's own
+        settings are checked by its config's ``validate``)."""
+        from agents.registry import registered_algos
+
         errors = _type_errors(self)
         if errors:  # the checks below compare values; first make sure they have the right types
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
         if self.algo not in registered_algos():
             errors.append(f"algo={self.algo!r}: expected one of {registered_algos()}")
         for name in ("num_epochs", "samples_per_epoch", "sample_batch_size", "train_batch_size",
-                     "micro_batch_size", "num_inner_epochs", "rwr_updates_per_epoch", "save_every"):  # fmt: skip
+                     "micro_batch_size", "save_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)}: expected a positive integer")
         if self.reward_query_budget < 0:
@@ -251,29 +313,21 @@ class TrainConfig:
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="
                 f"{self.sample_batch_size}: make samples_per_epoch a multiple of it"
             )
-        if self.algo.startswith("rwr") and self.train_batch_size > self.samples_per_epoch:
-            errors.append(
-                f"train_batch_size={self.train_batch_size} exceeds samples_per_epoch={self.samples_per_epoch}: "
-                "RWR draws its batches from the epoch's samples; expected train_batch_size <= samples_per_epoch"
-            )
-        elif not self.algo.startswith("rwr") and self.samples_per_epoch % max(1, self.train_batch_size):
-            errors.append(
-                f"train_batch_size={self.train_batch_size} does not divide samples_per_epoch="
-                f"{self.samples_per_epoch}: choose a divisor, e.g. {_largest_divisor(self.samples_per_epoch, self.train_batch_size)}"
-            )
-        if isinstance(self.samples_per_prompt, int) and (
-            self.samples_per_prompt < 1 or self.sample_batch_size % self.samples_per_prompt
-        ):
+        if self.samples_per_prompt < 1 or self.sample_batch_size % self.samples_per_prompt:
             errors.append(
                 f"samples_per_prompt={self.samples_per_prompt}: expected a positive divisor of "
                 f"sample_batch_size={self.sample_batch_size}"
             )
         if not 0 < self.timestep_fraction <= 1:
             errors.append(f"timestep_fraction={self.timestep_fraction}: expected 0 < fraction <= 1")
+        try:
+            parse_train_timesteps(self.train_timesteps, 1_000_000)  # the syntax; the window is checked on the env
+        except ValueError as exc:
+            errors.append(str(exc))
         if self.eta is not None and not self.eta > 0:
             errors.append(f"eta={self.eta}: the policy has no density for eta <= 0; use eta > 0 (DDPO uses 1)")
         # ``not x > 0`` (rather than ``x <= 0``) also refuses NaN.
-        for name in ("learning_rate", "clip_range", "adv_clip_max", "max_grad_norm"):
+        for name in ("learning_rate", "adv_clip_max", "max_grad_norm"):
             value = getattr(self, name)
             if not value > 0 or (name != "max_grad_norm" and not math.isfinite(value)):
                 errors.append(f"{name}={value}: expected a finite number > 0")
@@ -283,8 +337,6 @@ class TrainConfig:
         for name in ("adam_weight_decay", "adam_epsilon", "time_limit_s"):
             if not 0 <= getattr(self, name) < math.inf:
                 errors.append(f"{name}={getattr(self, name)}: expected a finite number >= 0")
-        if not math.isfinite(self.rwr_beta):
-            errors.append(f"rwr_beta={self.rwr_beta}: expected a finite number")
         for name in ("seed", "per_prompt_buffer_size", "grid_every"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)}: expected an integer >= 0")
@@ -295,14 +347,11 @@ class TrainConfig:
             errors.append(f"num_steps={self.num_steps}: expected a positive integer (or None: the env's)")
         if self.guidance_scale is not None and not 1 <= self.guidance_scale < math.inf:
             errors.append(f"guidance_scale={self.guidance_scale}: expected a finite number >= 1 (1: no guidance)")
+        if self.cfg_free and self.guidance_scale not in (None, 1, 1.0):
+            errors.append(f"cfg_free=True with guidance_scale={self.guidance_scale}: CFG-free runs at scale 1; "
+                          "expected guidance_scale unset (or 1), or cfg_free=False")  # fmt: skip
         if self.eta is not None and not math.isfinite(self.eta):
             errors.append(f"eta={self.eta}: expected a finite number > 0")
-        if self.algo == "ddpo-sf" and self.num_inner_epochs != 1:
-            errors.append("ddpo-sf is on-policy: num_inner_epochs must be 1 (use ddpo-is for several passes)")
-        if self.rwr_weighting not in ("reward", "advantage"):
-            errors.append(f"rwr_weighting={self.rwr_weighting!r}: expected 'reward' (the paper's) or 'advantage'")
-        if not 0 < self.rwr_sparse_quantile < 1:
-            errors.append(f"rwr_sparse_quantile={self.rwr_sparse_quantile}: expected 0 < q < 1")
         if self.log_prob_reduction not in ("mean", "sum"):
             errors.append(f"log_prob_reduction={self.log_prob_reduction!r}: expected 'mean' or 'sum'")
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -316,9 +365,17 @@ class TrainConfig:
                 f"per_prompt_min_count={self.per_prompt_min_count} > per_prompt_buffer_size="
                 f"{self.per_prompt_buffer_size}: it could never be reached; expected min_count <= buffer_size"
             )
+        if self.algo in registered_algos():
+            errors += self._algo_config_errors()
         if errors:
             raise ValueError("invalid training config:\n  - " + "\n  - ".join(errors))
         return self
+
+    @property
+    def guidance(self) -> float | None:
+        """The guidance scale sampling and training use: 1 when ``cfg_free``, else ``guidance_scale`` (None: the
+        env's)."""
+        return 1.0 if self.cfg_free else self.guidance_scale
 
     def policy_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~agents.policy.GaussianDenoisingPolicy` that this config sets."""
@@ -327,15 +384,26 @@ class TrainConfig:
                     attention=self.attention, gradient_checkpointing=self.gradient_checkpointing)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field; ``algo_config`` as a dict of the algorithm's fields."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """The config written to a run's config.json; credentials redacted there are dropped, so the
-        reward falls back to ``api_key_env`` / ``OPENAI_API_KEY`` (see :mod:`rewards.secrets`)."""
+        reward falls back to ``api_key_env`` / ``OPENAI_API_KEY`` (see :mod:`rewards.secrets`).
+
+        Files written before the algorithm API hold the algorithms' fields flat (:data:`LEGACY_ALGO_FIELDS`):
+        each goes into ``algo_config`` when the run's algorithm has it, and is dropped otherwise (no algorithm
+        read it)."""
         from rewards.secrets import drop_redacted
 
         data = drop_redacted({RENAMED.get(k, k): v for k, v in data.items()})  # and fields renamed since
+        legacy = {k: data.pop(k) for k in LEGACY_ALGO_FIELDS if k in data}
+        if legacy:
+            cls_ = algo_config_class(data.get("algo", _SharedFields.algo))
+            own = set(field_names(cls_)) if cls_ is not None else set()
+            nested = dict(data.get("algo_config") or {})
+            data["algo_config"] = {**{k: v for k, v in legacy.items() if k in own}, **nested}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
@@ -343,74 +411,30 @@ class TrainConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (shared fields, ``algo_config``, or fields of the algorithm's config). A new
+        ``algo`` without ``algo_config`` starts from that algorithm's defaults."""
+        if "algo" in changes and changes["algo"] != self.algo and "algo_config" not in changes:
+            changes["algo_config"] = None
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return TrainConfig(**{**values, **changes})
 
 
 # DDPO appendix A.6 (Stable Diffusion v1.4): AdamW lr 1e-5, weight decay 1e-4; LoRA rank 4.
-_SD14_COMMON = dict(lora_rank=4, learning_rate=1e-5, adam_weight_decay=1e-4, sample_batch_size=16,
-                    micro_batch_size=64, device="cuda", async_rewards=True)  # fmt: skip
+SD14_COMMON = dict(lora_rank=4, learning_rate=1e-5, adam_weight_decay=1e-4, sample_batch_size=16,
+                   micro_batch_size=64, device="cuda", async_rewards=True)  # fmt: skip
 # Flow-GRPO on SD3.5-Medium (github.com/yifan123/flow_grpo): scripts/train_sd3.py puts LoRA rank 32 on the
 # transformer's attention projections (lora_alpha 64 there; this project's LoRA scales by alpha = rank) and
 # runs the LoRA-wrapped transformer in fp32 without autocast; config/base.py: AdamW lr 3e-4, weight decay 1e-4,
-# clip range 1e-4, one inner epoch; config/grpo.py (`pickscore_sd3`, `geneval_sd3`): 48 prompts × 24 images
-# per epoch (num_image_per_prompt 24), two optimizer steps per epoch (gradient_accumulation_steps =
-# num_batches_per_epoch // 2), timestep_fraction 0.99 of 10 steps, i.e. int(9.9) = 9 steps trained; here
-# the count is round(f · S), so 0.9. Its KL penalty (train.beta) and EMA have no field here.
-_SD35_COMMON = dict(lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, clip_range=1e-4, sample_batch_size=24,
-                    samples_per_prompt=24, samples_per_epoch=48 * 24, timestep_fraction=0.9, micro_batch_size=16,
-                    device="cuda", async_rewards=True)  # fmt: skip
+# clip range 1e-4 (set by the algorithms that clip), one inner epoch; config/grpo.py (`pickscore_sd3`,
+# `geneval_sd3`): 48 prompts × 24 images per epoch (num_image_per_prompt 24), two optimizer steps per epoch
+# (gradient_accumulation_steps = num_batches_per_epoch // 2), timestep_fraction 0.99 of 10 steps, i.e.
+# int(9.9) = 9 steps trained; here the count is round(f · S), so 0.9. Its KL penalty is grpo's beta.
+SD35_COMMON = dict(lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, sample_batch_size=24,
+                   samples_per_prompt=24, samples_per_epoch=48 * 24, timestep_fraction=0.9, micro_batch_size=16,
+                   device="cuda", async_rewards=True)  # fmt: skip
 # Tiny presets: sized so one epoch of 64 samples takes about 15 s on a 2-core CPU.
-_TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=320,
-                    per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "sd14": {
-        "ddpo-is": dict(_SD14_COMMON, samples_per_epoch=256, train_batch_size=64, num_inner_epochs=1),
-        "ddpo-sf": dict(_SD14_COMMON, samples_per_epoch=256, train_batch_size=256, num_inner_epochs=1),
-        "rwr": dict(_SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
-                    rwr_updates_per_epoch=400),  # fmt: skip
-        "rwr-sparse": dict(_SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
-                           rwr_updates_per_epoch=400),  # fmt: skip
-    },
-    "sd35": {
-        "ddpo-is": dict(_SD35_COMMON, train_batch_size=24 * 24, num_inner_epochs=1),  # two steps per epoch
-        "ddpo-sf": dict(_SD35_COMMON, train_batch_size=48 * 24, num_inner_epochs=1),  # on-policy: one step
-        # RWR has no Flow-GRPO counterpart: Flow-GRPO's epoch of groups (so the per-prompt softmax compares 24
-        # samples of one prompt), each sample regressed about 5 times per epoch as in DDPO appendix A.6's RWR
-        # (400 steps × 128 of 10,000 samples; here 45 × 128 of 1,152), at a tenth of the learning rate as the
-        # tiny presets (RWR takes many more optimizer steps per epoch than DDPO). Untuned.
-        "rwr": dict(_SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5),
-        "rwr-sparse": dict(_SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5),
-    },
-    "tiny": {
-        # clip 1e-3, not the paper's 1e-4: mean-reduced log-ratios average over 256 latent dimensions here
-        # (16,384 for SD v1.4), so the same per-dimension change moves them more; with 1e-4 over 70% of
-        # pairs were clipped and learning stalled (d 0.40 vs 0.55 after 512 queries in a side-by-side trial).
-        # Two passes over each epoch's samples in optimizer steps of 32 samples (4 steps per epoch): at
-        # 2,048 queries on Compressibility (seed 0) d was 1.10, against 0.91 with one pass in steps of 16
-        # and 1.01 with two passes in steps of 64 (python -m benchmarks.improvement --set ... --tag ...).
-        "ddpo-is": dict(_TINY_COMMON, train_batch_size=32, num_inner_epochs=2, clip_range=1e-3),
-        "ddpo-sf": dict(_TINY_COMMON, train_batch_size=64, num_inner_epochs=1),
-        # RWR weighs samples within each prompt, so its batches repeat prompts (8 prompts × 8 samples);
-        # with one sample per prompt every weight is 1 and RWR degenerates into self-distillation.
-        # β: see TINY_RWR_BETA (set per task by preset_config).
-        "rwr": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
-                    samples_per_prompt=8),  # fmt: skip
-        "rwr-sparse": dict(_TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5,
-                           samples_per_prompt=8),  # fmt: skip
-    },
-}
-
-
-# RWR's β on the tiny tasks (appendix A.2 weights softmax(β r) per prompt, so β has the reward's inverse
-# units): about 1 / the base model's within-prompt reward std, so that one std of reward changes a sample's
-# weight by a factor e within its prompt. Measured on the shipped model, 8 training prompts × 8 samples:
-# 0.057 kB (JPEG size, both JPEG tasks) and 0.064 (BERTScore recall, prompt alignment).
-TINY_RWR_BETA = {"Compressibility": 16.0, "Incompressibility": 16.0, "PromptAlignment": 16.0}
-# The same on the embedded tiny flow model (Denoise-TinyFlow-*, SDE a = 0.7, guidance 4.5), 8 training prompts
-# (every 160th of train_prompts()) × 8 samples, seed 0: within-prompt std 0.070 kB (JPEG) and 0.042 (BERTScore
-# recall); measured the same way the DDIM model gives 0.076 and 0.069.
-TINYFLOW_RWR_BETA = {"Compressibility": 14.0, "Incompressibility": 14.0, "PromptAlignment": 24.0}
+TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=320,
+                   per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip
 
 
 MEAN_TUNED_CLIP_MAX = 1e-2  # clip ranges at or below this are of the mean-reduced scale (paper 1e-4, tiny 1e-3)
@@ -422,15 +446,16 @@ def compatibility_warnings(cfg: TrainConfig, latent_dim: int | None = None) -> l
     ``latent_dim``: the number of latent dimensions D (the env's ``prod(latent_shape)``), when known.
     A sum-reduced log-prob is D times the mean-reduced one, and so is every log-ratio: PPO's
     ``ratio = exp(Δ)`` then moves D times further from 1, and a clip range tuned for the mean (the
-    paper's 1e-4) clips nearly every pair (a trial: clipfrac 0.75, approx_kl 5.7e5).
+    paper's 1e-4) clips nearly every pair (a trial: clipfrac 0.75, approx_kl 5.7e5). Applies to every
+    algorithm whose config has a ``clip_range``.
     """
     out = []
-    uses_clip = cfg.algo == "ddpo-is"
-    if uses_clip and cfg.log_prob_reduction == "sum" and cfg.clip_range <= MEAN_TUNED_CLIP_MAX:
+    clip = getattr(cfg.algo_config, "clip_range", None)
+    if clip is not None and cfg.log_prob_reduction == "sum" and clip <= MEAN_TUNED_CLIP_MAX:
         d = f"D={latent_dim}" if latent_dim else "D = the number of latent dimensions"
-        scaled = f"{cfg.clip_range * latent_dim:.3g}" if latent_dim else "clip_range·D"
+        scaled = f"{clip * latent_dim:.3g}" if latent_dim else "clip_range·D"
         out.append(
-            f"log_prob_reduction='sum' with clip_range={cfg.clip_range:g}: that clip range is of the scale of "
+            f"log_prob_reduction='sum' with clip_range={clip:g}: that clip range is of the scale of "
             f"mean-reduced log-probs; summed over {d} latent dimensions every log-ratio is D times larger, so "
             f"expect ratios of order exp(±D·δ) and most pairs clipped (clipfrac near 1, huge approx_kl); use "
             f"log_prob_reduction='mean', or scale clip_range by D (about {scaled})"
@@ -439,18 +464,13 @@ def compatibility_warnings(cfg: TrainConfig, latent_dim: int | None = None) -> l
 
 
 def preset_config(preset: str, algo: str, **overrides: Any) -> TrainConfig:
-    """The config of ``preset`` ("sd14", "sd35" or "tiny") for ``algo``, with field overrides.
+    """The config of ``preset`` ("sd14", "sd35" or "tiny") for ``algo``, with field overrides (shared fields or
+    the algorithm's). The values are those ``algo`` registered for the preset (a dict, or a function of the
+    ``env_id``, such as RWR's tiny β per task); an algorithm without one gets the defaults."""
+    from agents.registry import find_algo
 
-    The tiny preset serves both embedded models; its RWR β is looked up by the task of ``env_id`` in
-    :data:`TINYFLOW_RWR_BETA` for ``Denoise-TinyFlow-*`` IDs, else in :data:`TINY_RWR_BETA`.
-    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    base = dict(PRESETS[preset].get(algo) or {})
-    if preset == "tiny" and algo == "rwr":
-        env_id = overrides.get("env_id", TrainConfig.env_id)
-        betas = TINYFLOW_RWR_BETA if env_id.startswith("Denoise-TinyFlow-") else TINY_RWR_BETA
-        task = next((t for t in betas if f"-{t}-" in env_id), None)
-        if task is not None:
-            base["rwr_beta"] = betas[task]
+    spec = find_algo(algo)
+    base = spec.preset(preset, overrides.get("env_id", _SharedFields.env_id)) if spec is not None else {}
     return TrainConfig(algo=algo, **{**base, **overrides})

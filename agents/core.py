@@ -31,6 +31,7 @@ class Rollout(NamedTuple):
     rewards: torch.Tensor  # [B] fp32 (NaN while a deferred reward is pending)
     images: torch.Tensor  # [B, 3, H, W] float in [0, 1] (CPU)
     reward_handle: Any = None  # a rewards.RewardHandle when the env defers its reward (async_reward)
+    train_window: tuple[int, int] | None = None  # steps [a, b) that are trained on (None: all; see with_train_window)
 
     @property
     def num_samples(self) -> int:
@@ -84,6 +85,15 @@ def collect_rollout(
         images=info["images"].cpu(),
         reward_handle=info.get("reward_handle"),
     )
+
+
+def with_train_window(rollout: Any, window: tuple[int, int] | None) -> Any:
+    """``rollout`` (or a :class:`~agents.distributed.ShardedRollout`) whose trained steps are ``[a, b)`` of each
+    trajectory (None: all): :meth:`RolloutBuffer.train_steps` then draws pairs from those steps only. The
+    trajectories themselves are whole (x_0 is still ``latents[:, -1]``)."""
+    if hasattr(rollout, "local"):
+        return rollout._replace(local=rollout.local._replace(train_window=window))
+    return rollout._replace(train_window=window)
 
 
 def resolve_rewards(rollout: Rollout) -> Rollout:
@@ -219,6 +229,7 @@ class RolloutBuffer:
         self.micro_batch_size = int(micro_batch_size)
         self.sampled_log_probs = self.local.log_probs
         self.old_log_probs = self.local.log_probs  # replaced by store_old_log_probs (a copy on first write)
+        self.train_window = getattr(self.local, "train_window", None)  # steps [a, b) trained on (None: all)
 
     @property
     def device(self) -> torch.device:
@@ -228,12 +239,17 @@ class RolloutBuffer:
                     shuffle: bool = True) -> list[TrainStep]:  # fmt: skip
         """One pass over the rollout: optimizer steps of ``batch_size`` samples × their chosen timesteps.
 
-        Random draws, in order: the sample order (``shuffle``), each sample's timestep subset, and per
-        step the order of its pairs (``shuffle``). Without ``shuffle`` samples and pairs stay in order.
+        Random draws, in order: the sample order (``shuffle``), each sample's timestep subset (of the
+        rollout's train window, when it has one: ``round(fraction × window)`` of its steps), and per step
+        the order of its pairs (``shuffle``). Without ``shuffle`` samples and pairs stay in order.
         """
         B, S = self.num_samples, self.num_steps
         order = torch.randperm(B, generator=generator) if shuffle else torch.arange(B)
-        steps = subsample_steps(B, S, timestep_fraction, generator)  # [B, k]
+        if self.train_window is None:
+            steps = subsample_steps(B, S, timestep_fraction, generator)  # [B, k]
+        else:
+            a, b = self.train_window
+            steps = a + subsample_steps(B, b - a, timestep_fraction, generator)
         out = []
         for start in range(0, B, batch_size):
             idx = order[start : start + batch_size]
@@ -282,6 +298,31 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, clip_ra
     """PPO's clipped surrogate per pair: max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε)), ρ = exp(log_ratio)."""
     ratio = log_ratio.exp()
     return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range))
+
+
+def group_advantages(prompts: Sequence[str], rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages (GRPO): each reward normalised by the mean and std of the rewards of its
+    prompt in this batch, ``(r - mean_g) / (std_g + eps)``, with the population std (a group of equal rewards
+    gets advantages 0). A prompt drawn twice in one epoch makes one larger group. fp32, on ``rewards``' device."""
+    r = rewards.detach().float()
+    adv = torch.empty_like(r)
+    for ix in prompt_groups(prompts, r.device):
+        group = r[ix]
+        adv[ix] = (group - group.mean()) / (group.std(unbiased=False) + eps)
+    return adv
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """KL(N(mean, σ² I) ‖ N(ref_mean, σ² I)) per row: ``(mean - ref_mean)² / (2 σ²)`` per latent dimension,
+    averaged (``reduction="mean"``, as the policy's mean-reduced log-probs, and Flow-GRPO's KL loss) or summed
+    (``"sum"``: the exact KL of the whole step) over them. ``std`` broadcasts against the means ``[n, C, H, W]``."""
+    per_dim = (mean - ref_mean) ** 2 / (2 * std**2)
+    dims = tuple(range(1, per_dim.ndim))
+    if reduction == "mean":
+        return per_dim.mean(dim=dims)
+    if reduction == "sum":
+        return per_dim.sum(dim=dims)
+    raise ValueError(f"reduction={reduction!r}; expected 'mean' or 'sum'")
 
 
 def subsample_steps(num_samples: int, num_steps: int, fraction: float, generator: torch.Generator) -> torch.Tensor:

@@ -10,7 +10,7 @@ timesteps and cuts optimizer steps of ``train_batch_size`` samples (all their ch
 shuffled list of pairs); 2. the pairs go through the policy ``micro_batch_size`` at a time, gradients
 accumulating; 3. clip, check for non-finite gradients, step.
 
-With ``cfg.recompute_old_log_probs`` the old log-probs are first recomputed (detached) in exactly
+With ``recompute_old_log_probs`` the old log-probs are first recomputed (detached) in exactly
 the micro-batches of the first pass (all of its steps' pairs are drawn before any network call,
 from the same random draws as without it). Reduced-precision kernels (bf16 autocast) may round
 differently with batch size and composition, so sampling-time log-probs can differ from training-time
@@ -22,21 +22,58 @@ with four steps per pass. The largest change is reported as ``losses/old_log_pro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, clipped_surrogate, optimizer_step
 from agents.distributed import all_reduce_sum
+from agents.fields import AlgoConfig, doc_field, finite_positive, positive_int, train_batch_divides_epoch
+
+
+@dataclass
+class DDPOISConfig(AlgoConfig):
+    """DDPO-IS's own settings (``cfg.algo_config``)."""
+
+    clip_range: float = doc_field(
+        1e-4,
+        "PPO clip range ε (appendix A.1: 1e-4, tuned for mean-reduced log-probs).",
+    )
+    num_inner_epochs: int = doc_field(1, "Passes over the epoch's samples (several PPO passes reuse them).")
+    recompute_old_log_probs: bool = doc_field(
+        False,
+        "Recompute old log-probs in the training micro-batches before the first pass (reduced precision).",
+    )
+
+    def validate(self, shared) -> list[str]:
+        return (positive_int(self, "num_inner_epochs") + finite_positive(self, "clip_range")
+                + train_batch_divides_epoch(shared))  # fmt: skip
+
+
+PRESETS = {
+    "sd14": dict(SD14_COMMON, samples_per_epoch=256, train_batch_size=64, num_inner_epochs=1),
+    "sd35": dict(SD35_COMMON, train_batch_size=24 * 24, num_inner_epochs=1, clip_range=1e-4),  # two steps per epoch
+    # clip 1e-3, not the paper's 1e-4: mean-reduced log-ratios average over 256 latent dimensions here
+    # (16,384 for SD v1.4), so the same per-dimension change moves them more; with 1e-4 over 70% of
+    # pairs were clipped and learning stalled (d 0.40 vs 0.55 after 512 queries in a side-by-side trial).
+    # Two passes over each epoch's samples in optimizer steps of 32 samples (4 steps per epoch): at
+    # 2,048 queries on Compressibility (seed 0) d was 1.10, against 0.91 with one pass in steps of 16
+    # and 1.01 with two passes in steps of 64 (python -m benchmarks.improvement --set ... --tag ...).
+    "tiny": dict(TINY_COMMON, train_batch_size=32, num_inner_epochs=2, clip_range=1e-3),
+}
 
 
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
+    ac = cfg.algo_config  # DDPOISConfig
     buffer = RolloutBuffer(rollout, advantages, cfg.micro_batch_size)
     device = advantages.device
     acc = torch.zeros(3, device=device)  # loss, approx_kl, clipfrac sums — summed on device, synced once
     n_pairs, n_steps, skipped, grad_norms = 0, 0, 0, []
     first_ratio_dev, recompute_dev = None, None
-    recompute = getattr(cfg, "recompute_old_log_probs", False)
+    recompute = ac.recompute_old_log_probs
     policy.train()
-    for inner in range(cfg.num_inner_epochs):
+    for inner in range(ac.num_inner_epochs):
         # 1. This pass's optimizer steps (drawn before any network call).
         steps = buffer.train_steps(cfg.train_batch_size, generator, cfg.timestep_fraction)
         if recompute and inner == 0:
@@ -52,7 +89,7 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
                     old_log_prob = log_prob.detach()
                     recompute_dev = _max(recompute_dev, buffer.store_old_log_probs(batch, old_log_prob))
                 log_ratio = log_prob - old_log_prob
-                loss = clipped_surrogate(log_ratio, batch.advantages, cfg.clip_range).mean()
+                loss = clipped_surrogate(log_ratio, batch.advantages, ac.clip_range).mean()
                 n = len(batch.advantages)
                 (loss * n / batch.num_step_pairs).backward()
                 with torch.no_grad():
@@ -61,7 +98,7 @@ def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None)
                     acc += torch.stack([
                         loss * n,
                         0.5 * (log_ratio**2).sum(),
-                        ((log_ratio.exp() - 1.0).abs() > cfg.clip_range).float().sum(),
+                        ((log_ratio.exp() - 1.0).abs() > ac.clip_range).float().sum(),
                     ])  # fmt: skip
                 n_pairs += n
             # 3. Clip, guard, step.

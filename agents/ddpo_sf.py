@@ -9,10 +9,29 @@ On-policy: one optimizer step per epoch's collection over all samples and their 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, optimizer_step
 from agents.distributed import all_reduce_sum
+from agents.fields import AlgoConfig, train_batch_divides_epoch
+
+
+@dataclass
+class DDPOSFConfig(AlgoConfig):
+    """DDPO-SF has no settings of its own: it is on-policy (one pass, one optimizer step per epoch)."""
+
+    def validate(self, shared) -> list[str]:
+        return train_batch_divides_epoch(shared)
+
+
+PRESETS = {
+    "sd14": dict(SD14_COMMON, samples_per_epoch=256, train_batch_size=256),
+    "sd35": dict(SD35_COMMON, train_batch_size=48 * 24),  # on-policy: one step
+    "tiny": dict(TINY_COMMON, train_batch_size=64),
+}
 
 
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:

@@ -12,7 +12,9 @@ internals (UNet or transformer, DDIM or flow matching): it hands the family a ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -146,12 +148,17 @@ class GaussianDenoisingPolicy(nn.Module):
 
     def forward_network(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         """One network call with this policy's speed settings (memory format, autocast, compile); fp32 out."""
-        x = x.to(self.network.dtype)
+        return self.forward_with(self._network_fn, self.network.dtype, x, t, cond)
+
+    def forward_with(self, fn: Any, dtype: torch.dtype, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """A call of the network function ``fn`` (weights of ``dtype``) with this policy's memory format and
+        autocast; fp32 out. :meth:`forward_network` calls the policy's own network."""
+        x = x.to(dtype)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         enabled = self.autocast_dtype is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16, enabled=enabled):
-            out = self.family.call_network(self._network_fn, x, t, cond)
+            out = self.family.call_network(fn, x, t, cond)
         return out.float()
 
     def prediction(self, x: torch.Tensor, t: torch.Tensor, prompts: Sequence[str], guided: bool = True) -> torch.Tensor:
@@ -180,5 +187,77 @@ class GaussianDenoisingPolicy(nn.Module):
         gauss = self.distribution(obs["x_t"], obs["t"], obs["prompt"])
         return step_log_prob(action.float(), gauss.mean, gauss.std, self.reduction)
 
+    def log_prob_and_distribution(self, obs: dict[str, Any], action: torch.Tensor) -> tuple[torch.Tensor, StepGaussian]:
+        """:meth:`log_prob` and the Gaussian it was computed from (one network call), e.g. for a KL term."""
+        gauss = self.distribution(obs["x_t"], obs["t"], obs["prompt"])
+        return step_log_prob(action.float(), gauss.mean, gauss.std, self.reduction), gauss
+
 
 GaussianUNetPolicy = GaussianDenoisingPolicy  # the name before the model seam
+
+REFERENCE_PLACEMENTS = ("device", "offload")
+
+
+@contextmanager
+def adapters_disabled(network: nn.Module) -> Iterator[None]:
+    """The network with its LoRA adapters switched off (diffusers' ``disable_adapters`` over peft's layers), then
+    on again: its base weights. The adapters' parameters are the same objects afterwards, trainable again."""
+    network.disable_adapters()
+    try:
+        yield
+    finally:
+        network.enable_adapters()
+
+
+class ReferencePolicy:
+    """The policy's base weights, frozen: the reference policy of a KL penalty (π_ref).
+
+    With LoRA it is the policy's own network with the adapters switched off while it runs (no copy, nothing
+    to offload). With full fine-tuning it is a frozen deep copy of the network taken when the reference is
+    built (the trainer builds it before any update and before a checkpoint is loaded, so it holds the base
+    weights on resume too), kept on the device (``placement="device"``) or on the CPU and moved to the device
+    for each call (``"offload"``: less device memory between calls, a weight transfer per call). Guidance,
+    memory format and autocast are the policy's; calls run without gradients.
+    """
+
+    def __init__(self, policy: GaussianDenoisingPolicy, placement: str = "device"):
+        if placement not in REFERENCE_PLACEMENTS:
+            raise ValueError(f"placement={placement!r}; expected one of {list(REFERENCE_PLACEMENTS)}")
+        self.policy, self.placement = policy, placement
+        self.network: nn.Module | None = None
+        if policy.lora_rank is None:
+            network = copy.deepcopy(policy.network).requires_grad_(False).eval()
+            self.network = network.to("cpu") if placement == "offload" else network
+
+    @contextmanager
+    def _weights(self) -> Iterator[Any]:
+        """The reference's network function and weight dtype, for the duration of one call."""
+        if self.network is None:
+            with adapters_disabled(self.policy.network):
+                yield self.policy.network.__call__, self.policy.network.dtype
+            return
+        offload = self.placement == "offload"
+        if offload:
+            self.network.to(self.policy.device)
+        try:
+            yield self.network.__call__, self.network.dtype
+        finally:
+            if offload:
+                self.network.to("cpu")
+
+    @torch.no_grad()
+    def distribution(self, x_t: torch.Tensor, t: torch.Tensor, prompts: Sequence[str]) -> StepGaussian:
+        """π_ref(· | x_t, t, c) for a batch, as :meth:`GaussianDenoisingPolicy.distribution` (no gradients)."""
+        p = self.policy
+        with self._weights() as (fn, dtype):
+            forward = lambda x, tt, cond: p.forward_with(fn, dtype, x, tt, cond)  # noqa: E731
+            return p.family.step_distribution(forward, x_t, t.to(p.device), p.family.condition(prompts), p.guidance_scale)
+
+    def kl(self, obs: dict[str, Any], gauss: StepGaussian) -> torch.Tensor:
+        """Per-pair KL(π_θ ‖ π_ref) of the policy's step Gaussians ``gauss`` (same σ_t as the reference's) at the
+        observations ``obs``: :func:`agents.core.gaussian_kl` with the policy's log-prob reduction.
+        Differentiable in ``gauss.mean``."""
+        from agents.core import gaussian_kl
+
+        ref = self.distribution(obs["x_t"], obs["t"], obs["prompt"])
+        return gaussian_kl(gauss.mean, ref.mean, gauss.std, self.policy.reduction)

@@ -21,10 +21,86 @@ training timestep and noise each (from the model family).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
+from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, optimizer_step, prompt_groups
 from agents.distributed import all_reduce_sum
+from agents.fields import AlgoConfig, doc_field, positive_int, train_batch_within_epoch
+
+
+@dataclass
+class RWRConfig(AlgoConfig):
+    """RWR's own settings (``cfg.algo_config``)."""
+
+    rwr_beta: float = doc_field(
+        0.2,
+        "RWR inverse temperature β of the per-prompt softmax weights, in the reward's units (appendix A.6: 0.2 "
+        "for SD v1.4's tasks; the tiny presets set it per task so that β × the base model's reward spread is "
+        "about 1).",
+    )
+    rwr_weighting: str = doc_field(
+        "reward",
+        "RWR weights: softmax of β × \"reward\" per prompt (appendix A.2/A.3), or of β × the normalised, "
+        "clipped \"advantage\" (an ablation; the weighting before the model seam).",
+        choices=("reward", "advantage"),
+    )
+    rwr_cfg_training: bool = doc_field(
+        True,
+        "Regress the classifier-free-guided prediction at the run's guidance scale (CFG training, appendix "
+        "B.1); off: the conditional prediction only (an ablation, Figure 8).",
+    )
+    rwr_updates_per_epoch: int = doc_field(
+        8,
+        "Optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
+    )
+
+    def validate(self, shared) -> list[str]:
+        errors = positive_int(self, "rwr_updates_per_epoch") + train_batch_within_epoch(shared)
+        if not math.isfinite(self.rwr_beta):
+            errors.append(f"rwr_beta={self.rwr_beta}: expected a finite number")
+        if self.rwr_weighting not in ("reward", "advantage"):
+            errors.append(f"rwr_weighting={self.rwr_weighting!r}: expected 'reward' (the paper's) or 'advantage'")
+        if shared.train_timesteps != "all":
+            errors.append(f"train_timesteps={shared.train_timesteps!r}: RWR regresses final samples, not steps; "
+                          "expected 'all'")  # fmt: skip
+        return errors
+
+
+# RWR's β on the tiny tasks (appendix A.2 weights softmax(β r) per prompt, so β has the reward's inverse
+# units): about 1 / the base model's within-prompt reward std, so that one std of reward changes a sample's
+# weight by a factor e within its prompt. Measured on the shipped model, 8 training prompts × 8 samples:
+# 0.057 kB (JPEG size, both JPEG tasks) and 0.064 (BERTScore recall, prompt alignment).
+TINY_RWR_BETA = {"Compressibility": 16.0, "Incompressibility": 16.0, "PromptAlignment": 16.0}
+# The same on the embedded tiny flow model (Denoise-TinyFlow-*, SDE a = 0.7, guidance 4.5), 8 training prompts
+# (every 160th of train_prompts()) × 8 samples, seed 0: within-prompt std 0.070 kB (JPEG) and 0.042 (BERTScore
+# recall); measured the same way the DDIM model gives 0.076 and 0.069.
+TINYFLOW_RWR_BETA = {"Compressibility": 14.0, "Incompressibility": 14.0, "PromptAlignment": 24.0}
+
+# RWR has no Flow-GRPO counterpart on SD3.5: Flow-GRPO's epoch of groups (so the per-prompt softmax compares 24
+# samples of one prompt), each sample regressed about 5 times per epoch as in DDPO appendix A.6's RWR (400
+# steps × 128 of 10,000 samples; here 45 × 128 of 1,152), at a tenth of the learning rate as the tiny presets
+# (RWR takes many more optimizer steps per epoch than DDPO). Untuned.
+SD35_PRESET = dict(SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5)
+SD14_PRESET = dict(SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
+                   rwr_updates_per_epoch=400)  # fmt: skip
+# RWR weighs samples within each prompt, so its batches repeat prompts (8 prompts × 8 samples); with one sample
+# per prompt every weight is 1 and RWR degenerates into self-distillation.
+TINY_PRESET = dict(TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5, samples_per_prompt=8)
+
+
+def tiny_preset(env_id: str) -> dict:
+    """The tiny preset with β looked up by the task of ``env_id`` in :data:`TINYFLOW_RWR_BETA` for
+    ``Denoise-TinyFlow-*`` IDs, else in :data:`TINY_RWR_BETA`."""
+    betas = TINYFLOW_RWR_BETA if env_id.startswith("Denoise-TinyFlow-") else TINY_RWR_BETA
+    task = next((t for t in betas if f"-{t}-" in env_id), None)
+    return dict(TINY_PRESET, rwr_beta=betas[task]) if task is not None else dict(TINY_PRESET)
+
+
+PRESETS = {"sd14": SD14_PRESET, "sd35": SD35_PRESET, "tiny": tiny_preset}
 
 
 def per_prompt_softmax(prompts, scores: torch.Tensor) -> torch.Tensor:
@@ -41,11 +117,12 @@ def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generato
     family = policy.family
     B, device = buffer.num_samples, weights.device  # all processes' samples (global indices)
     latent_shape = tuple(buffer.local.latents.shape[2:])
-    guided = getattr(cfg, "rwr_cfg_training", True)
+    ac = cfg.algo_config  # RWRConfig or RWRSparseConfig
+    guided = ac.rwr_cfg_training
     n_prompts = len(set(buffer.prompts))
     loss_sum, n_steps, skipped, norms = torch.zeros((), device=device), 0, 0, []
     policy.train()
-    for _ in range(cfg.rwr_updates_per_epoch):
+    for _ in range(ac.rwr_updates_per_epoch):
         idx = torch.randperm(B, generator=generator)[: cfg.train_batch_size]
         t, noise = family.training_inputs(len(idx), latent_shape, generator)
         t, noise = t.to(device), noise.to(device)  # idx stays on the CPU: prompts are looked up without a sync
@@ -75,8 +152,9 @@ def weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generato
 
 def rwr_weights(prompts, rewards: torch.Tensor, advantages: torch.Tensor, cfg) -> torch.Tensor:
     """A.2/A.3: per-prompt softmax of β × reward; ``rwr_weighting="advantage"``: of β × the normalised advantage."""
-    scores = advantages if getattr(cfg, "rwr_weighting", "reward") == "advantage" else rewards.float()
-    return per_prompt_softmax(prompts, cfg.rwr_beta * scores)
+    ac = cfg.algo_config
+    scores = advantages if ac.rwr_weighting == "advantage" else rewards.float()
+    return per_prompt_softmax(prompts, ac.rwr_beta * scores)
 
 
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:

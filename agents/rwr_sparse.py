@@ -8,10 +8,50 @@ from the current batch. The loss is then RWR's weighted DDPM loss (:mod:`agents.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import PerPromptStatTracker, prompt_groups
+from agents.fields import AlgoConfig, doc_field, positive_int, train_batch_within_epoch
 from agents.rwr import weighted_denoising_update
+
+
+@dataclass
+class RWRSparseConfig(AlgoConfig):
+    """RWR-sparse's own settings (``cfg.algo_config``)."""
+
+    rwr_sparse_quantile: float = doc_field(
+        0.9,
+        "Keep samples at or above this per-prompt quantile (0.9: bottom 90% dropped).",
+    )
+    rwr_cfg_training: bool = doc_field(
+        True,
+        "Regress the classifier-free-guided prediction at the run's guidance scale (CFG training, appendix "
+        "B.1); off: the conditional prediction only (an ablation, Figure 8).",
+    )
+    rwr_updates_per_epoch: int = doc_field(
+        8,
+        "Optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
+    )
+
+    def validate(self, shared) -> list[str]:
+        errors = positive_int(self, "rwr_updates_per_epoch") + train_batch_within_epoch(shared)
+        if not 0 < self.rwr_sparse_quantile < 1:
+            errors.append(f"rwr_sparse_quantile={self.rwr_sparse_quantile}: expected 0 < q < 1")
+        if shared.train_timesteps != "all":
+            errors.append(f"train_timesteps={shared.train_timesteps!r}: RWR-sparse regresses final samples, not "
+                          "steps; expected 'all'")  # fmt: skip
+        return errors
+
+
+PRESETS = {
+    "sd14": dict(SD14_COMMON, samples_per_epoch=10_000, sample_batch_size=16, train_batch_size=128,
+                 rwr_updates_per_epoch=400),  # fmt: skip
+    "sd35": dict(SD35_COMMON, train_batch_size=128, rwr_updates_per_epoch=45, learning_rate=3e-5),  # as RWR's
+    "tiny": dict(TINY_COMMON, train_batch_size=64, rwr_updates_per_epoch=8, learning_rate=3e-5, samples_per_prompt=8),
+}
 
 
 def sparse_weights(prompts, rewards: torch.Tensor, tracker: PerPromptStatTracker, quantile: float) -> torch.Tensor:
@@ -28,7 +68,7 @@ def sparse_weights(prompts, rewards: torch.Tensor, tracker: PerPromptStatTracker
 def update(policy, optimizer, rollout, advantages, cfg, generator, tracker=None) -> dict[str, float]:
     if tracker is None:
         raise ValueError("rwr-sparse needs the run's PerPromptStatTracker for its per-prompt thresholds")
-    weights = sparse_weights(rollout.prompts, rollout.rewards, tracker, cfg.rwr_sparse_quantile)
+    weights = sparse_weights(rollout.prompts, rollout.rewards, tracker, cfg.algo_config.rwr_sparse_quantile)
     metrics = weighted_denoising_update(policy, optimizer, rollout, weights, cfg, generator)
     metrics["losses/kept_fraction"] = float((weights > 0).float().mean())
     return metrics

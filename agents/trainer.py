@@ -8,7 +8,8 @@ A run directory holds::
     grid_before.png        samples at fixed evaluation prompts and seeds, before training
     grid_epoch_NNNN.png    the same every ``grid_every`` epochs, and grid_after.png at the end
     reward_curve.png       mean reward against reward queries
-    checkpoints/ckpt-NNNN  weights, optimizer, per-prompt statistics and epoch (safetensors + JSON)
+    checkpoints/ckpt-NNNN  weights, optimizer, per-prompt statistics, the algorithm's state and epoch
+                           (safetensors + JSON)
     checkpoints/latest     the name of the newest complete checkpoint (replaced atomically)
 
 Every random draw of epoch e derives from ``(seed, e)`` alone, so resuming from the checkpoint of
@@ -39,10 +40,17 @@ from safetensors.torch import load_file, save_file
 
 import diffusion_env  # noqa: F401  (registers the Denoise-* IDs)
 from agents import distributed
-from agents.config import TrainConfig, compatibility_warnings
-from agents.core import PerPromptStatTracker, Rollout, collect_rollout, concat_rollouts, make_optimizer
+from agents.config import TrainConfig, compatibility_warnings, parse_train_timesteps
+from agents.core import (
+    PerPromptStatTracker,
+    Rollout,
+    collect_rollout,
+    concat_rollouts,
+    make_optimizer,
+    with_train_window,
+)
 from agents.plots import plot_reward_curve, reward_label, save_labelled_grid, write_tb_hparams, write_tb_image
-from agents.policy import GaussianDenoisingPolicy
+from agents.policy import GaussianDenoisingPolicy, ReferencePolicy
 from agents.progress import (
     INTERRUPTED,
     TIME_LIMIT,
@@ -51,7 +59,7 @@ from agents.progress import (
     finished_reason,
     planned_epochs,
 )
-from agents.registry import get_algo
+from agents.registry import algo_spec
 from agents.rundir import LOCK_NAME, lock_run_dir
 from agents.runtime import retain_freed_memory
 from rewards.base import check_options
@@ -71,9 +79,9 @@ def make_env(cfg: TrainConfig, num_envs: int | None = None, **overrides: Any):
     kwargs = dict(cfg.env_kwargs)
     kwargs.setdefault("device", cfg.device)
     kwargs.setdefault("async_reward", cfg.async_rewards)
-    for name in ("num_steps", "eta", "guidance_scale"):
-        if getattr(cfg, name) is not None:
-            kwargs[name] = getattr(cfg, name)
+    for name, value in (("num_steps", cfg.num_steps), ("eta", cfg.eta), ("guidance_scale", cfg.guidance)):
+        if value is not None:  # cfg.guidance: 1 for a CFG-free run
+            kwargs[name] = value
     kwargs.update(overrides)
     if cfg.env_id not in gym.registry:
         known = sorted(i for i in gym.registry if i.startswith("Denoise-"))
@@ -146,7 +154,8 @@ class Trainer:
             retain_freed_memory()  # no page faults for every micro-batch's activations (agents/runtime.py)
         self.dist = distributed.init()  # one process: a no-op context (see agents/distributed.py)
         self.dist.check_config(self.cfg)
-        self.update_fn = get_algo(cfg.algo)
+        self.algo = algo_spec(cfg.algo)
+        self.update_fn = self.algo.update
         self.run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / f"{cfg.env_id}-{cfg.algo}-s{cfg.seed}")
         self.ckpt_dir = self.run_dir / "checkpoints"
         self._writer = None
@@ -182,6 +191,11 @@ class Trainer:
             self.policy = GaussianDenoisingPolicy.from_env(self.env, **cfg.policy_kwargs())
         self.dist.broadcast_parameters(self.policy.trainable_parameters())  # every process starts from rank 0's
         self.policy.eval()
+        # The base weights, for algorithms that ask for them: before any update or checkpoint load.
+        self.reference = (ReferencePolicy(self.policy, self.algo.reference)
+                          if self.algo.needs_reference(cfg.algo_config) else None)  # fmt: skip
+        self.algo_state: dict[str, Any] = {}  # the algorithm's own state (checkpointed)
+        self.train_window = parse_train_timesteps(cfg.train_timesteps, self.env.num_steps)
         self._grid_env = None
         self.optimizer = make_optimizer(self.policy.trainable_parameters(), cfg)
         self.tracker = PerPromptStatTracker(cfg.per_prompt_buffer_size, cfg.per_prompt_min_count)
@@ -308,7 +322,10 @@ class Trainer:
         if finite:
             advantages = self.tracker.update(rollout.prompts, rewards).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 2))
-            metrics.update(self.update_fn(self.policy, self.optimizer, rollout, advantages, cfg, gen, self.tracker))
+            extras = {k: v for k, v in (("state", self.algo_state), ("ref", self.reference)) if k in self.algo.extras}
+            trained = with_train_window(rollout, self.train_window) if self.train_window is not None else rollout
+            metrics.update(self.update_fn(self.policy, self.optimizer, trained, advantages, cfg, gen, self.tracker,
+                                          **extras))  # fmt: skip
             metrics["charts/skipped_update"] = 0
         else:  # a NaN/inf reward never reaches the weights
             metrics["charts/skipped_update"] = 1
@@ -358,7 +375,9 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.run_dir / "tb"))
-            write_tb_hparams(self._writer, self.cfg.to_dict())
+            hparams = self.cfg.to_dict()
+            own = hparams.pop("algo_config") or {}
+            write_tb_hparams(self._writer, {**hparams, **{f"algo_config.{k}": v for k, v in own.items()}})
         return self._writer
 
     def eval_prompts(self) -> list[str]:
@@ -414,9 +433,14 @@ class Trainer:
         save_file(self.trainable_state(), str(tmp / "weights.safetensors"))
         opt_tensors, opt_meta = _optimizer_to_flat(self.optimizer, self.policy)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        algo_tensors, algo_json = split_algo_state(self.algo_state)
+        if algo_tensors:
+            save_file(algo_tensors, str(tmp / "algo_state.safetensors"))
         state = {
             "epoch": self.epoch, "reward_queries": self.reward_queries, "optimizer": opt_meta,
             "tracker": self.tracker.state_dict(), "config": redact(self.cfg.to_dict()), "format": 1,
+            "algo_state": algo_json, "algo_state_tensors": {k: str(v.device) for k, v in self.algo_state.items()
+                                                            if isinstance(v, torch.Tensor)},
         }  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, default=_unserializable))
         for f in tmp.iterdir():
@@ -449,6 +473,9 @@ class Trainer:
             weights = load_file(str(folder / "weights.safetensors"))
             opt_tensors = load_file(str(folder / "optimizer.safetensors"))
             epoch, queries = int(state["epoch"]), int(state["reward_queries"])
+            devices = state.get("algo_state_tensors") or {}  # name -> device; checkpoints before the algorithm API: none
+            algo_tensors = load_file(str(folder / "algo_state.safetensors")) if devices else {}
+            algo_state = {**state.get("algo_state", {}), **{k: algo_tensors[k] for k in devices}}
         except Exception as exc:  # truncated, foreign or missing files
             raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); "
                              "expected weights.safetensors, optimizer.safetensors and state.json"
@@ -457,6 +484,7 @@ class Trainer:
             load_trainable_weights(self.policy.network, weights)
             _optimizer_from_flat(self.optimizer, self.policy, opt_tensors, state["optimizer"])
             self.tracker.load_state_dict(state["tracker"])
+            self.algo_state = {k: v.to(devices[k]) if k in devices else v for k, v in algo_state.items()}  # where it was
         except Exception as exc:
             raise ValueError(f"checkpoint {folder} does not fit this run ({type(exc).__name__}: {exc}); "
                              "expected one written by a run with the same model and settings") from exc  # fmt: skip
@@ -477,12 +505,27 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def split_algo_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An algorithm's state as (tensors for safetensors, the rest for JSON); raises on a value that neither
+    holds exactly (JSON keeps Python floats exactly: they are written with repr)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    rest = {k: v for k, v in state.items() if k not in tensors}
+    try:
+        json.dumps(rest, allow_nan=True)
+    except TypeError as exc:
+        raise TypeError(f"the algorithm's state holds a value JSON cannot store ({exc}); expected numbers, "
+                        "strings, bools, lists/dicts of them, or tensors") from exc  # fmt: skip
+    return tensors, rest
+
+
 def readable_checkpoint(folder: Path) -> int | None:
     """The epoch of a complete, readable checkpoint folder, or None when any of its files is damaged."""
     try:
         state = json.loads((folder / "state.json").read_text())
         load_file(str(folder / "weights.safetensors"))
         load_file(str(folder / "optimizer.safetensors"))
+        if state.get("algo_state_tensors"):
+            load_file(str(folder / "algo_state.safetensors"))
         return int(state["epoch"])
     except Exception:
         return None

@@ -18,7 +18,6 @@ such trials a ``--tag`` so that they get their own folders.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -48,18 +47,23 @@ def _task(name: str) -> str:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["clip_range=1e-3", ...]`` → typed TrainConfig field values (clear error on a bad one)."""
+    """``["clip_range=1e-3", ...]`` → typed field values of TrainConfig or of an algorithm's config (clear error on
+    a bad one; a field the run's algorithm lacks is refused when its config is validated)."""
     import argparse as _argparse
 
     from agents.cliargs import value_parser
+    from agents.config import algo_config_class
+    from agents.registry import registered_algos
 
-    hints = typing.get_type_hints(TrainConfig)
+    hints = {k: v for k, v in typing.get_type_hints(TrainConfig).items() if k != "algo_config"}
+    for algo in registered_algos():
+        hints = {**typing.get_type_hints(algo_config_class(algo)), **hints}
     out: dict[str, Any] = {}
     for item in items:
         name, sep, value = item.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or name not in hints:
-            fields = ", ".join(f.name for f in dataclasses.fields(TrainConfig))
+            fields = ", ".join(sorted(hints))
             raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of: {fields}")
         try:
             out[name] = value_parser(hints[name], name)(value)

@@ -195,7 +195,7 @@ def test_nan_loss_step_is_skipped(tiny_sd):
         (dict(timestep_fraction=0.0), "timestep_fraction"),
         (dict(eta=0.0), "eta"),
         (dict(algo="ppo2"), "algo"),
-        (dict(algo="ddpo-sf", num_inner_epochs=2), "on-policy"),
+        (dict(algo="ddpo-sf", num_inner_epochs=2), "'ddpo-sf' has no setting 'num_inner_epochs'"),
         (dict(lora_rank=0), "lora_rank"),
         (dict(attention="flash"), "attention=.flash.: expected .sdpa. or .math."),
     ],
@@ -207,7 +207,7 @@ def test_config_refuses_nonsense(changes, match):
 
 def test_presets_are_valid():
     for preset in ("tiny", "sd14", "sd35"):
-        for algo in ("ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"):
+        for algo in ("ddpo-is", "ddpo-sf", "grpo", "rwr", "rwr-sparse"):
             preset_config(preset, algo).validate()
     sd = preset_config("sd14", "ddpo-is")
     assert sd.samples_per_epoch == 256 and sd.train_batch_size == 64 and sd.lora_rank == 4

@@ -65,11 +65,13 @@ def test_every_train_option_has_help_text_and_shows_its_default():
     by_dest = {a.dest: a for a in p._actions}
     text = p.format_help()
     defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
+    fields = [(f, getattr(defaults, f.name)) for f in dataclasses.fields(TrainConfig) if f.name != "algo_config"]
+    fields += [(f, getattr(defaults.algo_config, f.name)) for f in dataclasses.fields(defaults.algo_config)]
+    for f, default in fields:  # the shared fields and those of the default algorithm's config
         action = by_dest.get(f.name)
         assert action is not None, f"no option for TrainConfig.{f.name}"
         assert action.help and len(action.help) > 20, f"--{f.name}: no help text"
-        assert f"(default: {_shown_default(getattr(defaults, f.name))})" in action.help, action.help
+        assert f"(default: {_shown_default(default)})" in action.help, action.help
         assert action.option_strings[0] in text
     # options that are not TrainConfig fields are documented too
     for a in p._actions:

@@ -140,7 +140,7 @@ def test_rwr_weights_are_a_softmax_of_beta_times_reward_per_prompt():
     prompts = ("a", "b", "a", "a", "b")
     rewards = torch.tensor([1.0, 0.0, 2.0, 0.5, 3.0])
     adv = torch.tensor([5.0, -5.0, 0.0, 0.0, 0.0])  # ignored by the paper's weighting
-    cfg = TrainConfig(rwr_beta=2.0)
+    cfg = TrainConfig(algo="rwr", rwr_beta=2.0)
     w = rwr.rwr_weights(prompts, rewards, adv, cfg)
     ea = torch.exp(2.0 * torch.tensor([1.0, 2.0, 0.5]))
     torch.testing.assert_close(w[[0, 2, 3]], ea / ea.sum())

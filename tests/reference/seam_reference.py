@@ -86,8 +86,10 @@ def run_one(env_id: str, algo: str, tiny_sd: Path, vlm_url: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="seam-ref-") as tmp:
         run_dir = Path(tmp) / "run"
         fields = run_config(env_id, algo, run_dir, tiny_sd, vlm_url)
-        names = set(TrainConfig.__dataclass_fields__)
-        fields.update({k: v for k, v in LEGACY.get(algo, {}).items() if k in names})
+        fields.update(LEGACY.get(algo, {}))
+        # Fields of another algorithm were set but unused before the algorithm API, and are refused since then.
+        names = set(TrainConfig.__dataclass_fields__) | set(TrainConfig(algo=algo).algo_field_names())
+        fields = {k: v for k, v in fields.items() if k in names}
         trainer = Trainer(TrainConfig(**fields))
         history = trainer.train()
         trainer.env.close()
