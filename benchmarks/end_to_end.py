@@ -202,6 +202,11 @@ def epoch_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+
+def flat_config(config: dict) -> dict:
+    """A run's config.json with its algorithm's own fields (``algo_config``) beside the shared ones."""
+    return {**config, **(config.get("algo_config") or {})}
+
 def run_once(args: argparse.Namespace, style: str, repeat: int, work: Path) -> dict[str, Any]:
     """One training run of ``style`` in a fresh process; its figures (see the module docstring)."""
     folder = work / f"{style}-{repeat}"
@@ -242,7 +247,7 @@ def run_once(args: argparse.Namespace, style: str, repeat: int, work: Path) -> d
         "peak_tree_rss_mb": tree.peak_mb or None, "rss_polls": tree.polls,
         "torch_threads": child["torch_threads"], **epoch_figures(rows),
         "load_avg_before": load_before, "load_avg_after": load_after,
-        "config": config, "reference_overrides_applied": all(config.get(k) == v for k, v in REFERENCE_STYLE.items()),
+        "config": config, "reference_overrides_applied": all(flat_config(config).get(k) == v for k, v in REFERENCE_STYLE.items()),
         "run_dir": str(run_dir),
     }  # fmt: skip
 

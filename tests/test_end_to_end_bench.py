@@ -8,6 +8,7 @@ import pytest
 
 from agents.config import preset_config
 from benchmarks import end_to_end
+from benchmarks.end_to_end import flat_config
 from benchmarks.throughput import REFERENCE_STYLE
 
 SMALL = "--num-steps 2 --samples-per-epoch 16 --sample-batch-size 16 --train-batch-size 16 --num-eval-prompts 2"
@@ -86,7 +87,7 @@ def test_both_styles_run_cold_in_their_own_processes(micro_model, tmp_path):
         config = json.loads((work / f"{r['style']}-0" / "run" / "config.json").read_text())
         assert config == r["config"]
         assert config["env_kwargs"] == {"model": str(micro_model.resolve())} and config["num_steps"] == 2
-    ref, fast = (r["config"] for r in runs)
+    ref, fast = (flat_config(r["config"]) for r in runs)
     assert all(ref[k] == v for k, v in REFERENCE_STYLE.items()) and runs[0]["reference_overrides_applied"]
     assert fast["micro_batch_size"] == preset_config("tiny", "ddpo-is").micro_batch_size != 16
     s = saved["summary"]

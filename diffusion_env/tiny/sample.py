@@ -51,6 +51,16 @@ class TinyModel:
     def scheduler(self):
         return self.family.scheduler
 
+    @property
+    def text_encoder(self):
+        """SD v1's text encoder (an SD3-layout model has two: ``family.text_encoders``)."""
+        return self.family.text_encoder
+
+    @property
+    def tokenizer(self):
+        """SD v1's tokenizer (an SD3-layout model has two: ``family.tokenizers``)."""
+        return self.family.tokenizer
+
     def settings(self, steps: int | None, guidance: float | None, eta: float | None) -> dict:
         """``steps``, ``guidance``, ``eta`` with None replaced by this model's registered defaults."""
         base = SAMPLING.get(self.family.name, SAMPLING["sd1-ddim"])
