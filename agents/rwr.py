@@ -33,7 +33,22 @@ from agents.fields import AlgoConfig, doc_field, positive_int, train_batch_withi
 
 
 @dataclass
-class RWRConfig(AlgoConfig):
+class RegressionConfig(AlgoConfig):
+    """The settings of the weighted-regression algorithms (RWR and RWR-sparse)."""
+
+    rwr_cfg_training: bool = doc_field(
+        True,
+        "Regress the classifier-free-guided prediction at the run's guidance scale (CFG training, appendix "
+        "B.1); off: the conditional prediction only (an ablation, Figure 8).",
+    )
+    rwr_updates_per_epoch: int = doc_field(
+        8,
+        "Optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
+    )
+
+
+@dataclass
+class RWRConfig(RegressionConfig):
     """RWR's own settings (``cfg.algo_config``)."""
 
     rwr_beta: float = doc_field(
@@ -47,15 +62,6 @@ class RWRConfig(AlgoConfig):
         "RWR weights: softmax of β × \"reward\" per prompt (appendix A.2/A.3), or of β × the normalised, "
         "clipped \"advantage\" (an ablation; the weighting before the model seam).",
         choices=("reward", "advantage"),
-    )
-    rwr_cfg_training: bool = doc_field(
-        True,
-        "Regress the classifier-free-guided prediction at the run's guidance scale (CFG training, appendix "
-        "B.1); off: the conditional prediction only (an ablation, Figure 8).",
-    )
-    rwr_updates_per_epoch: int = doc_field(
-        8,
-        "Optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
     )
 
     def validate(self, shared) -> list[str]:

@@ -14,26 +14,17 @@ import torch
 
 from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import PerPromptStatTracker, prompt_groups
-from agents.fields import AlgoConfig, doc_field, positive_int, train_batch_within_epoch
-from agents.rwr import weighted_denoising_update
+from agents.fields import doc_field, positive_int, train_batch_within_epoch
+from agents.rwr import RegressionConfig, weighted_denoising_update
 
 
 @dataclass
-class RWRSparseConfig(AlgoConfig):
+class RWRSparseConfig(RegressionConfig):
     """RWR-sparse's own settings (``cfg.algo_config``)."""
 
     rwr_sparse_quantile: float = doc_field(
         0.9,
         "Keep samples at or above this per-prompt quantile (0.9: bottom 90% dropped).",
-    )
-    rwr_cfg_training: bool = doc_field(
-        True,
-        "Regress the classifier-free-guided prediction at the run's guidance scale (CFG training, appendix "
-        "B.1); off: the conditional prediction only (an ablation, Figure 8).",
-    )
-    rwr_updates_per_epoch: int = doc_field(
-        8,
-        "Optimizer steps per epoch (each on train_batch_size samples, one random timestep each).",
     )
 
     def validate(self, shared) -> list[str]:

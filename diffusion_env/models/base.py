@@ -85,6 +85,21 @@ class ModelFamily(ABC):
         self._cache: dict[str, Cond] = {}  # prompt -> its one-row conditioning (shared by copies)
         self._episode: tuple[tuple[str, ...], Cond] | None = None
 
+    def _freeze(self, *modules: torch.nn.Module) -> None:
+        """Move frozen parts to the family's device and dtype, in eval mode, without gradients."""
+        for m in modules:
+            m.to(device=self.device)
+            if m.dtype != self.dtype:
+                m.to(dtype=self.dtype)
+            m.eval()
+            m.requires_grad_(False)
+
+    def _vae_geometry(self, vae: torch.nn.Module) -> None:
+        """``latent_channels``, ``vae_scale_factor`` and ``default_size`` from an ``AutoencoderKL``'s config."""
+        self.latent_channels = int(vae.config.latent_channels)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.default_size = int(vae.config.sample_size)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     @abstractmethod

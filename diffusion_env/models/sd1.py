@@ -50,19 +50,12 @@ class SD1Family(ModelFamily):
         self.scheduler, self.vae, self.text_encoder, self.tokenizer = scheduler, vae, text_encoder, tokenizer
         self.model_path = model_path
         self.device, self.dtype = torch.device(device), dtype
-        for m in (vae, text_encoder):
-            m.to(device=self.device)
-            if m.dtype != dtype:
-                m.to(dtype=dtype)
-            m.eval()
-            m.requires_grad_(False)
+        self._freeze(vae, text_encoder)
         self.num_train_timesteps = int(cfg.num_train_timesteps)
         self.clip_sample_range = float(cfg.clip_sample_range) if cfg.clip_sample else None
         self.alphas_cumprod = scheduler.alphas_cumprod.to(device=self.device, dtype=torch.float32)
         self.final_alpha_cumprod = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32, device=self.device)
-        self.latent_channels = int(vae.config.latent_channels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.default_size = int(vae.config.sample_size)
+        self._vae_geometry(vae)
         self.hidden_size = int(text_encoder.config.hidden_size)
         self.set_schedule(1, 1.0, 1.0)
 

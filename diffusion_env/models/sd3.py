@@ -80,16 +80,9 @@ class SD3Family(ModelFamily):
         self.joint_attention_dim, self.t5_tokens = int(joint_attention_dim), int(t5_tokens)
         self.model_path = model_path
         self.device, self.dtype = torch.device(device), dtype
-        for m in (vae, *self.text_encoders):
-            m.to(device=self.device)
-            if m.dtype != dtype:
-                m.to(dtype=dtype)
-            m.eval()
-            m.requires_grad_(False)
+        self._freeze(vae, *self.text_encoders)
         self.num_train_timesteps = int(cfg.num_train_timesteps)
-        self.latent_channels = int(vae.config.latent_channels)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.default_size = int(vae.config.sample_size)
+        self._vae_geometry(vae)
         self.set_schedule(1, 0.7, 1.0)
 
     @property
