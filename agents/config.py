@@ -220,6 +220,12 @@ class _SharedFields:
         "Write evaluation sample grids every this many epochs (0: only before and after).",
     )
     num_eval_prompts: int = _doc(8, "Number of fixed evaluation prompts in the grids.")
+    diagnostic_samples: int = _doc(
+        4,
+        "Diagnostics (agents/diagnostics.py): trajectories per epoch on which charts/kl_ref (KL per step to the "
+        "base weights) is measured, one extra policy and reference call per step each (0: off). Under full "
+        "fine-tuning without a reference of the algorithm's own this keeps a frozen copy of the network.",
+    )
     output_dir: str = _doc(
         "runs",
         "Where runs are written (a run directory is created below it unless run_dir is set).",
@@ -337,7 +343,7 @@ class TrainConfig(_SharedFields):
         for name in ("adam_weight_decay", "adam_epsilon", "time_limit_s"):
             if not 0 <= getattr(self, name) < math.inf:
                 errors.append(f"{name}={getattr(self, name)}: expected a finite number >= 0")
-        for name in ("seed", "per_prompt_buffer_size", "grid_every"):
+        for name in ("seed", "per_prompt_buffer_size", "grid_every", "diagnostic_samples"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)}: expected an integer >= 0")
         for name in ("per_prompt_min_count", "num_eval_prompts"):

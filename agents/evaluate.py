@@ -43,3 +43,28 @@ def heldout_prompt_set(cfg: TrainConfig) -> str | None:
 
     prompts = cfg.env_kwargs.get("prompts", gym.spec(cfg.env_id).kwargs.get("prompts"))
     return HELDOUT_SETS.get(prompts) if isinstance(prompts, str) else None
+
+
+@torch.no_grad()
+def evaluate_diversity(cfg: TrainConfig, policy: GaussianDenoisingPolicy, num_prompts: int = 16, per_prompt: int = 4,
+                       seed: int = 20_000) -> float:  # fmt: skip
+    """Within-prompt diversity (:func:`agents.diagnostics.within_prompt_diversity`) of ``per_prompt`` samples of each
+    of ``num_prompts`` training prompts, all drawn at fixed seeds (the same for every policy)."""
+    from agents.diagnostics import within_prompt_diversity
+
+    if num_prompts < 1 or per_prompt < 2:
+        raise ValueError(f"num_prompts={num_prompts}, per_prompt={per_prompt}; expected >= 1 and >= 2")
+    per_batch = max(1, min(cfg.sample_batch_size, num_prompts * per_prompt) // per_prompt)  # prompts per batch
+    env = make_env(cfg, num_envs=per_batch * per_prompt, model=policy.family)
+    rng = np.random.default_rng(seed)
+    prompts = [env.prompt_sampler(rng) for _ in range(num_prompts)]
+    parts = []
+    for b, start in enumerate(range(0, num_prompts, per_batch)):
+        chunk = prompts[start : start + per_batch]
+        chunk = chunk + chunk[-1:] * (per_batch - len(chunk))  # the env's batch is fixed; padding is dropped below
+        gen = torch.Generator(device=policy.device).manual_seed(derive_seed(seed, b, 1))
+        batch = [p for p in chunk for _ in range(per_prompt)]
+        parts.append(collect_rollout(env, policy, derive_seed(seed, b, 0) % 2**31, gen, prompts=batch))
+    env.close()
+    images = torch.cat([r.images for r in parts])[: num_prompts * per_prompt]
+    return within_prompt_diversity(images, [p for p in prompts for _ in range(per_prompt)])

@@ -49,6 +49,7 @@ from agents.core import (
     make_optimizer,
     with_train_window,
 )
+from agents.diagnostics import hacking_flag, trajectory_kl, within_prompt_diversity
 from agents.plots import plot_reward_curve, reward_label, save_labelled_grid, write_tb_hparams, write_tb_image
 from agents.policy import GaussianDenoisingPolicy, ReferencePolicy
 from agents.progress import (
@@ -194,6 +195,10 @@ class Trainer:
         # The base weights, for algorithms that ask for them: before any update or checkpoint load.
         self.reference = (ReferencePolicy(self.policy, self.algo.reference)
                           if self.algo.needs_reference(cfg.algo_config) else None)  # fmt: skip
+        # The diagnostics' reference (charts/kl_ref): the algorithm's own, else one of their own.
+        self.diag_reference = self.reference
+        if self.diag_reference is None and cfg.diagnostic_samples > 0:
+            self.diag_reference = ReferencePolicy(self.policy, "device")
         self.algo_state: dict[str, Any] = {}  # the algorithm's own state (checkpointed)
         self.train_window = parse_train_timesteps(cfg.train_timesteps, self.env.num_steps)
         self._grid_env = None
@@ -318,6 +323,7 @@ class Trainer:
             "charts/reward_std": float(rewards[torch.isfinite(rewards)].std()) if rewards.numel() > 1 else 0.0,
         }
         finite = bool(torch.isfinite(rewards).all())
+        metrics.update(self.diagnostics(rollout, metrics["charts/reward_mean"]))
         t1 = time.perf_counter()
         if finite:
             advantages = self.tracker.update(rollout.prompts, rewards).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
@@ -345,6 +351,22 @@ class Trainer:
             self.dist.on_main(self.save_checkpoint)
             self._saved_epoch = self.epoch
         return metrics
+
+    def diagnostics(self, rollout: Rollout, reward_mean: float) -> dict[str, Any]:
+        """charts/kl_ref, charts/diversity and charts/reward_hacking of this epoch (:mod:`agents.diagnostics`),
+        measured on the rollout before the update (the policy that sampled it)."""
+        out: dict[str, Any] = {}
+        if self.diag_reference is not None:
+            out["charts/kl_ref"] = trajectory_kl(self.policy, self.diag_reference, rollout, self.cfg.diagnostic_samples)
+        local = getattr(rollout, "local", rollout)
+        diversity = within_prompt_diversity(local.images, local.prompts)
+        if diversity is not None:
+            out["charts/diversity"] = diversity
+            first = self.history[0] if self.history else {**out, "charts/reward_mean": reward_mean}
+            flag = hacking_flag(reward_mean, first["charts/reward_mean"], [(diversity, first.get("charts/diversity"))])
+            if flag is not None:
+                out["charts/reward_hacking"] = int(flag)
+        return out
 
     # ------------------------------------------------------------------ logging
     def log(self, metrics: dict[str, Any], rollout: Rollout) -> None:

@@ -161,7 +161,15 @@ def evaluate_run(cfg, policy: GaussianDenoisingPolicy, base: GaussianDenoisingPo
     heldout = heldout_prompt_set(cfg) or HELDOUT_SETS.get("tiny_train")
     out["heldout_eval"] = evaluate_policy(cfg, policy, heldout, num_samples=args.eval_samples)["reward_mean"]
     out.update(drift_from_base(cfg, policy, base, args.eval_samples, seed=10_000))
+    out["diversity"] = run_diversity(cfg, policy, args)
     return out
+
+
+def run_diversity(cfg, policy: GaussianDenoisingPolicy, args) -> float | None:
+    """Within-prompt diversity at fixed seeds: ``eval_samples`` images, 4 per training prompt."""
+    from agents.evaluate import evaluate_diversity
+
+    return evaluate_diversity(cfg, policy, num_prompts=max(1, args.eval_samples // 4), per_prompt=4)
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -205,14 +213,18 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
 def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
     """The base model's evaluation on the task (cached like a run, in ``<runs>/<task>/base.json``)."""
     path = args.runs / task / "base.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    res = json.loads(path.read_text()) if path.exists() else None
+    if res is not None and "diversity" in res:
+        return res
     cfg = run_config(task, registered_algos()[0], 0, args)
     from agents.trainer import make_env
 
     env = make_env(cfg, num_envs=1)
     base = base_policy(env.family)
-    res = {"task": task, "algo": "base model", **evaluate_run(cfg, base, base, args)}
+    if res is None:
+        res = {"task": task, "algo": "base model", **evaluate_run(cfg, base, base, args)}
+    else:  # cached before the diversity column: add it, keep the rest as it was
+        res["diversity"] = run_diversity(cfg, base, args)
     env.close()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".base.json.{os.getpid()}.tmp")  # atomic: processes sharing --runs may race here
@@ -222,7 +234,21 @@ def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-COLUMNS = ("final_reward", "train_eval", "d_train", "heldout_eval", "kl_to_base", "kl_path", "fidelity")
+COLUMNS = ("final_reward", "train_eval", "d_train", "heldout_eval", "kl_to_base", "kl_path", "fidelity", "diversity",
+           "hacking")  # fmt: skip
+DERIVED = ("d_train", "hacking")  # computed from a run and its task's base model at tabulation
+
+
+def hacking(run: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    """1.0 when the run's eval reward rose above the base model's while its fidelity or diversity fell below
+    half the base model's (:func:`agents.diagnostics.hacking_flag`), else 0.0; None without the figures."""
+    from agents.diagnostics import hacking_flag
+
+    if not base or run.get("train_eval") is None or base.get("train_eval") is None:
+        return None
+    flag = hacking_flag(run["train_eval"], base["train_eval"],
+                        [(run.get(k), base.get(k)) for k in ("fidelity", "diversity")])  # fmt: skip
+    return None if flag is None else float(flag)
 
 
 def improvement_d(run: dict[str, Any], base: dict[str, Any] | None) -> float | None:
@@ -238,10 +264,10 @@ def aggregate(results: list[dict[str, Any]], bases: dict[str, dict]) -> list[dic
         if task in bases:
             b = bases[task]
             rows.append({"task": task, "algo": "base model", "seeds": 0,
-                         **{c: [b.get(c), 0.0] for c in COLUMNS if c not in ("final_reward", "d_train")},
-                         "final_reward": [None, None], "d_train": [0.0, 0.0]})  # fmt: skip
+                         **{c: [b.get(c), 0.0] for c in COLUMNS if c not in ("final_reward", *DERIVED)},
+                         "final_reward": [None, None], "d_train": [0.0, 0.0], "hacking": [0.0, 0.0]})  # fmt: skip
         for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
-            rs = [{**r, "d_train": improvement_d(r, bases.get(task))}
+            rs = [{**r, "d_train": improvement_d(r, bases.get(task)), "hacking": hacking(r, bases.get(task))}
                   for r in results if r["task"] == task and r["algo"] == algo]  # fmt: skip
             row = {"task": task, "algo": algo, "seeds": len(rs)}
             for c in COLUMNS:
@@ -285,8 +311,8 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
              *([f"Carried over unchanged from `{args.carry_over}` (not rerun): "
                 f"{', '.join(sorted({short_name(r['task']) + ' ' + r['algo'] for r in carried}))}."] if carried else []),
              "",
-             "| task | algorithm | seeds | final reward | eval (train prompts) | d (base std) | eval (held-out) | KL/step to base | path KL | fidelity |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | algorithm | seeds | final reward | eval (train prompts) | d (base std) | eval (held-out) | KL/step to base | path KL | fidelity | diversity | hacking |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         task = short_name(r["task"])
         lines.append(

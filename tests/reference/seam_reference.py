@@ -73,9 +73,13 @@ def weights_digest(run_dir: Path) -> dict[str, str]:
     return {k: hashlib.sha256(v.contiguous().numpy().tobytes()).hexdigest() for k, v in sorted(weights.items())}
 
 
+# Metrics logged since the reference was written (agents/diagnostics.py): measured, never fed back into training.
+LATER_METRICS = ("charts/samples_per_s", "charts/kl_ref", "charts/diversity", "charts/reward_hacking")
+
+
 def clean_metrics(history: list[dict]) -> list[dict]:
-    """Metrics without wall-clock figures."""
-    return [{k: v for k, v in row.items() if not k.startswith("perf/") and k != "charts/samples_per_s"}
+    """Metrics without wall-clock figures and without the metrics added after the reference."""
+    return [{k: v for k, v in row.items() if not k.startswith("perf/") and k not in LATER_METRICS}
             for row in history]  # fmt: skip
 
 
