@@ -60,9 +60,11 @@ TASKS = (
     "Denoise-Tiny-Compressibility-v0",
     "Denoise-Tiny-Incompressibility-v0",
     "Denoise-Tiny-PromptAlignment-v0",
+    "Denoise-Tiny-GenEval-v0",
     "Denoise-TinyFlow-Compressibility-v0",
     "Denoise-TinyFlow-Incompressibility-v0",
     "Denoise-TinyFlow-PromptAlignment-v0",
+    "Denoise-TinyFlow-GenEval-v0",
 )
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "leaderboard"
