@@ -66,3 +66,14 @@ def test_scene_samplers_have_the_training_object_count_mix_and_respect_the_split
         assert not any((o["colour"], o["shape"]) in HELDOUT_PAIRS for o in parse_prompt(train(rng))["objects"])
     with pytest.raises(ValueError, match="sampler"):
         prompt_set("tiny_train_scenes")
+
+
+def test_ceiling_benchmark_scores_true_renders_fully_and_counts_by_object_number():
+    from benchmarks.geneval_ceiling import scenes, summary
+
+    images, prompts, counts = scenes("heldout", 24, seed=3)
+    s = summary(images, prompts, counts)
+    assert s["all_correct"] == 1.0 and s["reward"] == 1.0  # a true render passes every check
+    assert sum(v["n"] for v in s["by_count"].values()) == 24 and set(s["by_count"]) <= {"1", "2", "3"}
+    blank = summary(torch.zeros_like(images), prompts, counts)  # nothing drawn: no object check can pass
+    assert blank["all_correct"] == 0.0 and blank["reward"] < 0.5
