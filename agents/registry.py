@@ -157,11 +157,12 @@ def _load_builtin() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from agents import ddpo_is, ddpo_sf, grpo, rwr, rwr_sparse
+    from agents import ddpo_is, ddpo_sf, grpo, nft, rwr, rwr_sparse
 
     builtin = (("ddpo-is", ddpo_is.update, ddpo_is.DDPOISConfig, ddpo_is.PRESETS, False),
                ("ddpo-sf", ddpo_sf.update, ddpo_sf.DDPOSFConfig, ddpo_sf.PRESETS, False),
                ("grpo", grpo.update, grpo.GRPOConfig, grpo.PRESETS, "device"),
+               ("nft", nft.update, nft.NFTConfig, nft.PRESETS, False),
                ("rwr", rwr.update, rwr.RWRConfig, rwr.PRESETS, False),
                ("rwr-sparse", rwr_sparse.update, rwr_sparse.RWRSparseConfig, rwr_sparse.PRESETS, False))  # fmt: skip
     for name, update, config, presets, reference in builtin:

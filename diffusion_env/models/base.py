@@ -17,7 +17,7 @@ the trainable network      :meth:`ModelFamily.load_network` (loaded for the poli
 text conditioning          :meth:`ModelFamily.condition` (each prompt encoded alone, once)
 schedule, initial noise    :attr:`timesteps`, :meth:`initial_latents`
 one step's Gaussian        :meth:`step_distribution` (guidance + :meth:`step_gaussian`)
-regression target          :meth:`training_inputs`, :meth:`noised` (RWR, likelihood-free losses)
+regression target          :meth:`training_inputs`, :meth:`noised`, :meth:`predicted_x0`
 latents → images           :meth:`decode`
 =========================  ==================================================================
 
@@ -245,6 +245,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The forward process: ``(x_t, target)`` — the noised latents and the network's regression target."""
+
+    @abstractmethod
+    def predicted_x0(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """The clean latents x̂_0 that ``prediction`` (the network's output at ``x_t``, timesteps ``t`` ``[n]``)
+        implies: the inverse of :meth:`noised` in x_0, so the exact target gives back x_0 (pure, differentiable)."""
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()

@@ -134,6 +134,11 @@ class SD1Family(ModelFamily):
         a = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
         return a.sqrt() * x0 + (1 - a).sqrt() * noise, noise
 
+    def predicted_x0(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t."""
+        a = self.alphas_cumprod[t.to(self.device)].reshape(-1, *([1] * (x_t.ndim - 1)))
+        return (x_t - (1 - a).sqrt() * prediction) / a.sqrt()
+
 
 def _is_sd1_folder(path: Path) -> bool:
     return (path / "unet").is_dir() and (path / "text_encoder").is_dir()

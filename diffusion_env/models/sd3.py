@@ -223,6 +223,11 @@ class SD3Family(ModelFamily):
         sigma = self.sigma_table[t.to(self.device)].reshape(-1, *([1] * (x0.ndim - 1)))
         return (1 - sigma) * x0 + sigma * noise, noise - x0
 
+    def predicted_x0(self, x_t: torch.Tensor, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """x̂_0 = x_σ - σ v̂ (x_σ = (1 - σ) x_0 + σ ε and v = ε - x_0)."""
+        sigma = self.sigma_table[t.to(self.device)].reshape(-1, *([1] * (x_t.ndim - 1)))
+        return x_t - sigma * prediction
+
 
 class SD3CPSFamily(SD3Family):
     """:class:`SD3Family` with the coefficients-preserving step (CPS) instead of Flow-GRPO's SDE."""
