@@ -237,8 +237,8 @@ def base_reference(task: str, args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- tables
 COLUMNS = ("final_reward", "train_eval", "d_train", "heldout_eval", "kl_to_base", "kl_path", "fidelity", "diversity",
-           "hacking")  # fmt: skip
-DERIVED = ("d_train", "hacking")  # computed from a run and its task's base model at tabulation
+           "hacking", "train_min")  # fmt: skip
+DERIVED = ("d_train", "hacking", "train_min")  # computed from a run and its task's base model at tabulation
 
 
 def hacking(run: dict[str, Any], base: dict[str, Any] | None) -> float | None:
@@ -267,9 +267,11 @@ def aggregate(results: list[dict[str, Any]], bases: dict[str, dict]) -> list[dic
             b = bases[task]
             rows.append({"task": task, "algo": "base model", "seeds": 0,
                          **{c: [b.get(c), 0.0] for c in COLUMNS if c not in ("final_reward", *DERIVED)},
-                         "final_reward": [None, None], "d_train": [0.0, 0.0], "hacking": [0.0, 0.0]})  # fmt: skip
+                         "final_reward": [None, None], "d_train": [0.0, 0.0], "hacking": [0.0, 0.0],
+                         "train_min": [None, None]})  # fmt: skip
         for algo in dict.fromkeys(r["algo"] for r in results if r["task"] == task):
-            rs = [{**r, "d_train": improvement_d(r, bases.get(task)), "hacking": hacking(r, bases.get(task))}
+            rs = [{**r, "d_train": improvement_d(r, bases.get(task)), "hacking": hacking(r, bases.get(task)),
+                   "train_min": r["train_s"] / 60 if r.get("train_s") is not None else None}
                   for r in results if r["task"] == task and r["algo"] == algo]  # fmt: skip
             row = {"task": task, "algo": algo, "seeds": len(rs)}
             for c in COLUMNS:
@@ -313,8 +315,8 @@ def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
              *([f"Carried over unchanged from `{args.carry_over}` (not rerun): "
                 f"{', '.join(sorted({short_name(r['task']) + ' ' + r['algo'] for r in carried}))}."] if carried else []),
              "",
-             "| task | algorithm | seeds | final reward | eval (train prompts) | d (base std) | eval (held-out) | KL/step to base | path KL | fidelity | diversity | hacking |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| task | algorithm | seeds | final reward | eval (train prompts) | d (base std) | eval (held-out) | KL/step to base | path KL | fidelity | diversity | hacking | train min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         task = short_name(r["task"])
         lines.append(
