@@ -7,8 +7,11 @@
 |                         | trajectories and all their steps; π_ref = the base weights. 0 in the first epoch.   |
 | ``charts/diversity``    | mean RMS pixel distance between two images of the same prompt, averaged over the    |
 |                         | epoch's prompts that were sampled at least twice (none: not logged)                 |
-| ``charts/reward_hacking`` | 1 when the epoch's mean reward is above the first epoch's while diversity fell    |
-|                         | below ``HACKING_RATIO`` of the first epoch's (else 0; not logged without diversity)  |
+| ``charts/fidelity``     | tiny-world prompts only: the share of the epoch's images the world's captioner      |
+|                         | reads as showing exactly their prompt (``rewards.tinyworld.captioner.score``)       |
+| ``charts/reward_hacking`` | 1 when the epoch's mean reward is above the first epoch's while diversity or      |
+|                         | fidelity fell below ``HACKING_RATIO`` of the first epoch's (else 0; not logged      |
+|                         | without either)                                                                     |
 
 Both Gaussians of a step have the schedule's σ_t (it depends on t only), so the KL is closed-form:
 ‖μ_θ − μ_ref‖² / (2σ_t²). The same three quantities are the leaderboard's ``kl_to_base``, ``diversity`` and
@@ -45,6 +48,18 @@ def within_prompt_diversity(images: torch.Tensor, prompts: Sequence[str]) -> flo
         i, j = torch.triu_indices(len(ix), len(ix), offset=1)
         per_prompt.append(d2[i, j].clamp_min(0).sqrt().mean())
     return float(torch.stack(per_prompt).mean()) if per_prompt else None
+
+
+def world_fidelity(images: torch.Tensor, prompts: Sequence[str]) -> float | None:
+    """Share of ``images`` the tiny world's captioner reads as exactly their prompt; None when the prompts are
+    not tiny-world captions."""
+    from rewards.tinyworld import captioner
+
+    try:
+        scores = captioner.score(images, list(prompts))
+    except ValueError:  # prompts of another world
+        return None
+    return sum(bool(s["all_correct"]) for s in scores) / max(len(scores), 1)
 
 
 @torch.no_grad()

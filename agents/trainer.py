@@ -49,7 +49,7 @@ from agents.core import (
     make_optimizer,
     with_train_window,
 )
-from agents.diagnostics import hacking_flag, trajectory_kl, within_prompt_diversity
+from agents.diagnostics import hacking_flag, trajectory_kl, within_prompt_diversity, world_fidelity
 from agents.plots import plot_reward_curve, reward_label, save_labelled_grid, write_tb_hparams, write_tb_image
 from agents.policy import GaussianDenoisingPolicy, ReferencePolicy
 from agents.progress import (
@@ -197,6 +197,7 @@ class Trainer:
                           if self.algo.needs_reference(cfg.algo_config) else None)  # fmt: skip
         # The diagnostics' reference (charts/kl_ref): the algorithm's own, else one of their own.
         self.diag_reference = self.reference
+        self._world_prompts: bool | None = None  # are the prompts tiny-world captions (charts/fidelity)? unknown yet
         if self.diag_reference is None and cfg.diagnostic_samples > 0:
             self.diag_reference = ReferencePolicy(self.policy, "device")
         self.algo_state: dict[str, Any] = {}  # the algorithm's own state (checkpointed)
@@ -359,13 +360,15 @@ class Trainer:
         if self.diag_reference is not None:
             out["charts/kl_ref"] = trajectory_kl(self.policy, self.diag_reference, rollout, self.cfg.diagnostic_samples)
         local = getattr(rollout, "local", rollout)
-        diversity = within_prompt_diversity(local.images, local.prompts)
-        if diversity is not None:
-            out["charts/diversity"] = diversity
-            first = self.history[0] if self.history else {**out, "charts/reward_mean": reward_mean}
-            flag = hacking_flag(reward_mean, first["charts/reward_mean"], [(diversity, first.get("charts/diversity"))])
-            if flag is not None:
-                out["charts/reward_hacking"] = int(flag)
+        signals = {"charts/diversity": within_prompt_diversity(local.images, local.prompts)}
+        if self._world_prompts is not False:  # checked once: prompts of another world are never captioned again
+            signals["charts/fidelity"] = world_fidelity(local.images, local.prompts)
+            self._world_prompts = signals["charts/fidelity"] is not None
+        out.update({k: v for k, v in signals.items() if v is not None})
+        first = self.history[0] if self.history else {**out, "charts/reward_mean": reward_mean}
+        flag = hacking_flag(reward_mean, first["charts/reward_mean"], [(v, first.get(k)) for k, v in signals.items()])
+        if flag is not None:
+            out["charts/reward_hacking"] = int(flag)
         return out
 
     # ------------------------------------------------------------------ logging

@@ -109,3 +109,20 @@ def test_evaluate_diversity_is_fixed_by_its_seed(tiny_sd, tmp_path):
     assert a == b and math.isfinite(a) and a > 0 and c != a
     with pytest.raises(ValueError, match="per_prompt=1"):
         evaluate_diversity(cfg, policy, num_prompts=3, per_prompt=1)
+
+
+def test_world_fidelity_reads_true_renders_and_skips_other_prompts(tiny_sd, tmp_path):
+    from agents.diagnostics import world_fidelity
+    from benchmarks.geneval_ceiling import scenes
+
+    images, prompts, _ = scenes("train", 8, seed=5)
+    assert world_fidelity(images, prompts) == 1.0
+    assert world_fidelity(torch.zeros_like(images), prompts) == 0.0
+    assert world_fidelity(images[:2], ["a cat", "a dog"]) is None
+    # In a run: logged for tiny-world prompts, and only checked once for others.
+    world = dict(model=str(tiny_sd), height=16, width=16, prompts=["a red circle", "a blue square"])
+    with Trainer(_cfg(tiny_sd, tmp_path / "w", num_epochs=1, env_kwargs=world)) as trainer:
+        assert 0.0 <= trainer.train()[0]["charts/fidelity"] <= 1.0
+    with Trainer(_cfg(tiny_sd, tmp_path / "o", num_epochs=2)) as trainer:
+        history = trainer.train()
+        assert trainer._world_prompts is False and all("charts/fidelity" not in h for h in history)
