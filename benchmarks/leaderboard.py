@@ -288,18 +288,25 @@ def _fmt(ms: list) -> str:
     return f"{m:.3g} ± {s:.2g}" if s else f"{m:.3g}"
 
 
-def carried_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Runs of ``--carry-over``'s leaderboard that this invocation does not redo (another task or algorithm)."""
+def carried_runs(args: argparse.Namespace, results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Runs of ``--carry-over``'s leaderboard that this invocation does not redo: of (task, algorithm) pairs it
+    does not plan, or — with ``--existing-only`` — of planned pairs none of whose runs are finished here."""
     if not getattr(args, "carry_over", None):
         return []
     old = json.loads(Path(args.carry_over).read_text())
-    return [{**r, "carried_over": str(args.carry_over)} for r in old["runs"]
-            if not (r["task"] in args.tasks and r["algo"] in args.algos)]  # fmt: skip
+    if getattr(args, "existing_only", False):
+        redone = {(r["task"], r["algo"]) for r in results or []}
+        keep = lambda r: (r["task"], r["algo"]) not in redone  # noqa: E731
+    else:
+        keep = lambda r: not (r["task"] in args.tasks and r["algo"] in args.algos)  # noqa: E731
+    return [{**r, "carried_over": str(args.carry_over)} for r in old["runs"] if keep(r)]
 
 
 def write_outputs(results, bases, args, pending: int) -> dict[str, Any]:
-    pending += getattr(args, "not_run", 0)  # runs --existing-only found unfinished
-    carried = carried_runs(args)
+    carried = carried_runs(args, results)
+    carried_pairs = {(r["task"], r["algo"]) for r in carried}
+    # Runs --existing-only found unfinished, unless the carried-over table holds their (task, algorithm) pair.
+    pending += sum((t, a) not in carried_pairs for t, a, _ in getattr(args, "missing", ()))
     results = results + carried
     tasks = list(dict.fromkeys([r["task"] for r in results] + list(args.tasks)))
     rows = aggregate(results, bases)
@@ -427,10 +434,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for task in dict.fromkeys(list(args.tasks) + [r["task"] for r in carried_runs(args)]):
         dist.on_main(lambda task=task: base_reference(task, args))
         bases[task] = base_reference(task, args)  # cached by the main process: every process reads it
-    args.not_run = 0
+    args.missing = []
     if args.existing_only:  # tabulate what other invocations finished; train nothing
         finished = [(t, a, s) for t, a, s in plan if Path(run_config(t, a, s, args).run_dir, "result.json").exists()]
-        args.not_run, plan = len(plan) - len(finished), finished
+        args.missing, plan = [x for x in plan if x not in finished], finished
     for i, (task, algo, seed) in enumerate(plan):
         t0 = time.perf_counter()
         res, did = run_one(task, algo, seed, args)

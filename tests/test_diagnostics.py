@@ -126,3 +126,22 @@ def test_world_fidelity_reads_true_renders_and_skips_other_prompts(tiny_sd, tmp_
     with Trainer(_cfg(tiny_sd, tmp_path / "o", num_epochs=2)) as trainer:
         history = trainer.train()
         assert trainer._world_prompts is False and all("charts/fidelity" not in h for h in history)
+
+
+def test_carry_over_keeps_pairs_not_redone(tmp_path):
+    """--carry-over: a planned pair drops its old runs; with --existing-only only once a run of it finished here."""
+    import argparse
+
+    from benchmarks.leaderboard import carried_runs
+
+    old = {"runs": [{"task": t, "algo": a, "seed": s} for t in ("T1", "T2") for a in ("a", "b") for s in (0, 1)]}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    args = argparse.Namespace(carry_over=path, tasks=["T1"], algos=["a"], existing_only=False)
+    kept = {(r["task"], r["algo"]) for r in carried_runs(args)}
+    assert kept == {("T1", "b"), ("T2", "a"), ("T2", "b")}
+    args.existing_only, args.tasks, args.algos = True, ["T1", "T2"], ["a", "b"]
+    done_here = [{"task": "T2", "algo": "b", "seed": 0}]
+    kept = {(r["task"], r["algo"]) for r in carried_runs(args, done_here)}
+    assert kept == {("T1", "a"), ("T1", "b"), ("T2", "a")}
+    assert all(r["carried_over"] == str(path) for r in carried_runs(args, done_here))
