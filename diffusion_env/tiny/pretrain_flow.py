@@ -1,6 +1,6 @@
 """Pretrain the embedded tiny flow-matching model (SD3 classes) on the procedural world, on CPU, from a seed.
 
-    python -m diffusion_env.tiny.pretrain_flow --out diffusion_env/assets/tinyflow --seed 0
+    python -m diffusion_env.tiny.pretrain_flow --out diffusion_env/assets/tinyflow --seed 0 --threads 1
 
 The same diffusers/transformers classes as Stable Diffusion 3.5, sized for a laptop:
 
@@ -119,7 +119,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--heads", type=int, default=4, help="attention heads of width 32 (hidden = 32 x heads)")
     p.add_argument("--layers", type=int, default=4, help="joint transformer blocks")
