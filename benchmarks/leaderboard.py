@@ -437,7 +437,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.missing = []
     if args.existing_only:  # tabulate what other invocations finished; train nothing
         finished = [(t, a, s) for t, a, s in plan if Path(run_config(t, a, s, args).run_dir, "result.json").exists()]
-        args.missing, plan = [x for x in plan if x not in finished], finished
+        # Unfinished runs of pairs with a finished run count as pending; pairs with none are not in this table.
+        started = {(t, a) for t, a, _ in finished}
+        args.missing, plan = [x for x in plan if x not in finished and x[:2] in started], finished
     for i, (task, algo, seed) in enumerate(plan):
         t0 = time.perf_counter()
         res, did = run_one(task, algo, seed, args)
