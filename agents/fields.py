@@ -114,3 +114,19 @@ class StepBatchesConfig(AlgoConfig):
 
     def validate(self, shared: Any) -> list[str]:
         return train_batch_divides_epoch(shared)
+
+
+def grouped_samples(shared: Any, algo: str) -> list[str]:
+    """For algorithms that compare the samples of one prompt (groups of ``samples_per_prompt``)."""
+    if shared.samples_per_prompt < 2:
+        return [f"samples_per_prompt={shared.samples_per_prompt}: {algo} compares the samples of one prompt; "
+                "expected a group size >= 2 (e.g. 8)"]  # fmt: skip
+    return []
+
+
+def final_samples_only(shared: Any, algo: str) -> list[str]:
+    """For algorithms that regress final samples x_0, not denoising steps: no train window."""
+    if shared.train_timesteps != "all":
+        return [f"train_timesteps={shared.train_timesteps!r}: {algo} regresses final samples, not steps; "
+                "expected 'all'"]  # fmt: skip
+    return []

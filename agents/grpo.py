@@ -29,7 +29,14 @@ import torch
 from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, clipped_surrogate, group_advantages, optimizer_step
 from agents.distributed import all_reduce_sum
-from agents.fields import AlgoConfig, doc_field, finite_positive, positive_int, train_batch_divides_epoch
+from agents.fields import (
+    AlgoConfig,
+    doc_field,
+    finite_positive,
+    grouped_samples,
+    positive_int,
+    train_batch_divides_epoch,
+)
 
 KL_ADAPT = 1.5  # the adaptive-KL rule's band and factor
 
@@ -67,10 +74,7 @@ class GRPOConfig(AlgoConfig):
         if self.kl_target > 0 and not self.beta > 0:
             errors.append(f"kl_target={self.kl_target} with beta={self.beta}: an adaptive β starts from beta; "
                           "expected beta > 0 (e.g. 0.04)")  # fmt: skip
-        if shared.samples_per_prompt < 2:
-            errors.append(f"samples_per_prompt={shared.samples_per_prompt}: GRPO compares the samples of one "
-                          "prompt; expected a group size >= 2 (e.g. 8)")  # fmt: skip
-        return errors
+        return errors + grouped_samples(shared, "GRPO")
 
 
 PRESETS = {

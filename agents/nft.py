@@ -47,7 +47,15 @@ import torch
 from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, group_advantages, optimizer_step
 from agents.distributed import all_reduce_sum
-from agents.fields import AlgoConfig, doc_field, finite_positive, positive_int, train_batch_within_epoch
+from agents.fields import (
+    AlgoConfig,
+    doc_field,
+    final_samples_only,
+    finite_positive,
+    grouped_samples,
+    positive_int,
+    train_batch_within_epoch,
+)
 
 ADAPTIVE_MIN = 1e-5  # floor of the adaptive weight's mean absolute x_0 error
 
@@ -78,13 +86,7 @@ class NFTConfig(AlgoConfig):
     def validate(self, shared) -> list[str]:
         errors = positive_int(self, "nft_updates_per_epoch") + finite_positive(self, "nft_beta")
         errors += train_batch_within_epoch(shared)
-        if shared.samples_per_prompt < 2:
-            errors.append(f"samples_per_prompt={shared.samples_per_prompt}: NFT compares the samples of one "
-                          "prompt; expected a group size >= 2 (e.g. 8)")  # fmt: skip
-        if shared.train_timesteps != "all":
-            errors.append(f"train_timesteps={shared.train_timesteps!r}: NFT regresses final samples, not steps; "
-                          "expected 'all'")  # fmt: skip
-        return errors
+        return errors + grouped_samples(shared, "NFT") + final_samples_only(shared, "NFT")
 
 
 PRESETS = {

@@ -29,7 +29,7 @@ import torch
 from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import RolloutBuffer, optimizer_step, prompt_groups
 from agents.distributed import all_reduce_sum
-from agents.fields import AlgoConfig, doc_field, positive_int, train_batch_within_epoch
+from agents.fields import AlgoConfig, doc_field, final_samples_only, positive_int, train_batch_within_epoch
 
 
 @dataclass
@@ -70,10 +70,7 @@ class RWRConfig(RegressionConfig):
             errors.append(f"rwr_beta={self.rwr_beta}: expected a finite number")
         if self.rwr_weighting not in ("reward", "advantage"):
             errors.append(f"rwr_weighting={self.rwr_weighting!r}: expected 'reward' (the paper's) or 'advantage'")
-        if shared.train_timesteps != "all":
-            errors.append(f"train_timesteps={shared.train_timesteps!r}: RWR regresses final samples, not steps; "
-                          "expected 'all'")  # fmt: skip
-        return errors
+        return errors + final_samples_only(shared, "RWR")
 
 
 # RWR's β on the tiny tasks (appendix A.2 weights softmax(β r) per prompt, so β has the reward's inverse

@@ -14,7 +14,7 @@ import torch
 
 from agents.config import SD14_COMMON, SD35_COMMON, TINY_COMMON
 from agents.core import PerPromptStatTracker, prompt_groups
-from agents.fields import doc_field, positive_int, train_batch_within_epoch
+from agents.fields import doc_field, final_samples_only, positive_int, train_batch_within_epoch
 from agents.rwr import RegressionConfig, weighted_denoising_update
 
 
@@ -31,10 +31,7 @@ class RWRSparseConfig(RegressionConfig):
         errors = positive_int(self, "rwr_updates_per_epoch") + train_batch_within_epoch(shared)
         if not 0 < self.rwr_sparse_quantile < 1:
             errors.append(f"rwr_sparse_quantile={self.rwr_sparse_quantile}: expected 0 < q < 1")
-        if shared.train_timesteps != "all":
-            errors.append(f"train_timesteps={shared.train_timesteps!r}: RWR-sparse regresses final samples, not "
-                          "steps; expected 'all'")  # fmt: skip
-        return errors
+        return errors + final_samples_only(shared, "RWR-sparse")
 
 
 PRESETS = {
