@@ -190,10 +190,14 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
     resume = (run_dir / "checkpoints" / "latest").exists()
     t0 = time.perf_counter()
     trainer = Trainer(cfg, resume=resume)
+    # A resumed run also counts the sampling and training time of the epochs it resumed past (their set-up and
+    # checkpoint time is lost with the process that ran them), so "train min" is not the last piece's alone.
+    before_s = sum(h.get("perf/sample_s", 0.0) + h.get("perf/train_s", 0.0) for h in trainer.history)
     trainer.train()
-    train_s = time.perf_counter() - t0
+    train_s = time.perf_counter() - t0 + before_s
     result = {
         "task": task, "algo": algo, "seed": seed, "budget": args.budget, "resumed": resume,
+        "resumed_epochs_s": before_s if resume else None,
         "reward_queries": trainer.reward_queries, "epochs": trainer.epoch,
         "final_reward": trainer.history[-1]["charts/reward_mean"] if trainer.history else None,
         "curve": [[h["charts/reward_queries"], h["charts/reward_mean"]] for h in trainer.history],

@@ -157,11 +157,17 @@ def test_leaderboard_quick_resumes_and_includes_user_algorithms(micro_model, tmp
         again = leaderboard.main(argv)
         assert (again["ran"], again["skipped"]) == (0, 2)
         run_dir = tmp_path / "runs" / "Denoise-Tiny-Compressibility-v0" / "ddpo-is" / "seed0"
+        first_s = json.loads((run_dir / "result.json").read_text())["train_s"]
         (run_dir / "result.json").unlink()
         resumed = leaderboard.main(argv)
         assert (resumed["ran"], resumed["skipped"]) == (1, 1)
         redone = json.loads((run_dir / "result.json").read_text())
         assert redone["resumed"] and redone["reward_queries"] == 16
+        # Its training time counts the epochs it resumed past (read here from metrics.jsonl), not only its own.
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        epochs_s = sum(r["perf/sample_s"] + r["perf/train_s"] for r in rows)
+        assert len(rows) == 2 and redone["resumed_epochs_s"] == pytest.approx(epochs_s)
+        assert redone["train_s"] > epochs_s and 0 < epochs_s < first_s
     finally:
         registry._ALGOS.pop("test-reinforce", None)
 
