@@ -374,3 +374,32 @@ def test_reward_throughput_measures_the_chosen_rewards(capsys):
     assert any("TINY RANDOM" in line for line in lines if line.startswith("pickscore"))
     with pytest.raises(SystemExit):
         reward_throughput.main(["--only", "geneval"])
+
+
+def test_equal_time_takes_the_fastest_algorithm_s_run_time_as_budget(tmp_path):
+    from benchmarks import equal_time
+
+    def rows(epoch_s, rewards):  # 64 queries per epoch; each epoch split 1/3 sampling, 2/3 training
+        return [{"perf/sample_s": s / 3, "perf/train_s": 2 * s / 3, "charts/reward_mean": r,
+                 "charts/reward_queries": 64 * (i + 1)} for i, (s, r) in enumerate(zip(epoch_s, rewards))]  # fmt: skip
+
+    fast = rows([10, 10, 10, 10], [0.0, 1.0, 2.0, 3.0])  # 40 s in all
+    slow = rows([20, 20, 20, 20], [5.0, 6.0, 7.0, 8.0])  # by 40 s: two epochs
+    assert equal_time.reward_by_time(slow, 40.0, last=3) == (5.5, 128)
+    assert equal_time.reward_by_time(slow, 19.0) == (None, 0)
+    # Written as leaderboard folders: the fast algorithm's 2 seeds take 40 and 44 s (median 42 s = T).
+    for algo, seeds in {"fast": [fast, rows([11] * 4, [1.0] * 4)], "slow": [slow]}.items():
+        for i, r in enumerate(seeds):
+            d = tmp_path / "Task-v0" / algo / f"seed{i}"
+            d.mkdir(parents=True)
+            (d / "result.json").write_text("{}")
+            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+    (tmp_path / "Task-v0" / "slow" / "seed0.set-aside").mkdir()  # not a run of the table
+    t, table = equal_time.compare(equal_time.load_runs(tmp_path, "Task-v0"), last=2)
+    assert t == pytest.approx(42.0)
+    by = {r["algo"]: r for r in table}
+    assert by["fast"]["reward_at_T"] == pytest.approx((1.75, 0.75))  # seed 0: (2+3)/2; seed 1: 1 (3 epochs by 42 s)
+    assert by["slow"]["reward_at_T"] == (5.5, 0.0) and by["slow"]["queries_at_T"] == 128
+    assert by["fast"]["final_reward"] == pytest.approx((2.5 + 1.0) / 2)
+    with pytest.raises(SystemExit, match="no finished runs"):
+        equal_time.main(["--tasks", "Nope-v0", "--runs", str(tmp_path)])
