@@ -189,10 +189,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def epoch_seconds(row: dict[str, Any]) -> float:
+    """One epoch's sampling + training seconds from its metrics.jsonl row (0 for a part it did not record)."""
+    return row.get("perf/sample_s", 0.0) + row.get("perf/train_s", 0.0)
+
+
 def epoch_figures(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-epoch seconds (sampling + training), the median of the steady ones (all but the first; None with
     one epoch), and the first micro-batch |log ratio| of the first epoch and of any epoch."""
-    epochs = [r["perf/sample_s"] + r["perf/train_s"] for r in rows if "perf/sample_s" in r and "perf/train_s" in r]
+    epochs = [epoch_seconds(r) for r in rows if "perf/sample_s" in r and "perf/train_s" in r]
     devs = [r["losses/ratio_dev_first"] for r in rows if r.get("losses/ratio_dev_first") is not None]
     return {
         "epochs": len(rows), "epoch_s": epochs, "first_epoch_s": epochs[0] if epochs else None,

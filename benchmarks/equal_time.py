@@ -13,18 +13,18 @@ machine in the same way (the leaderboard's cells, one thread each).
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.end_to_end import epoch_seconds, read_metrics
 from benchmarks.leaderboard import RUNS
 
 
 def epoch_times(rows: list[dict]) -> np.ndarray:
     """Cumulative sampling + training seconds at the end of each epoch."""
-    return np.cumsum([r["perf/sample_s"] + r["perf/train_s"] for r in rows])
+    return np.cumsum([epoch_seconds(r) for r in rows])
 
 
 def reward_by_time(rows: list[dict], t: float, last: int = 3) -> tuple[float | None, int]:
@@ -42,8 +42,7 @@ def load_runs(runs: Path, task: str) -> dict[str, list[list[dict]]]:
     for result in sorted((runs / task).glob("*/seed*/result.json")):
         if not result.parent.name.removeprefix("seed").isdigit():
             continue  # folders set aside (e.g. "seed0.first-model") are not runs of today's config
-        rows = [json.loads(line) for line in (result.parent / "metrics.jsonl").read_text().splitlines() if line]
-        out.setdefault(result.parent.parent.name, []).append(rows)
+        out.setdefault(result.parent.parent.name, []).append(read_metrics(result.parent))
     return out
 
 

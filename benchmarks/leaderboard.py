@@ -178,6 +178,7 @@ def run_diversity(cfg, policy: GaussianDenoisingPolicy, args) -> float | None:
 def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
     """Train and evaluate one run unless its result.json exists. Returns ``(result, ran)``."""
     from agents.trainer import Trainer
+    from benchmarks.end_to_end import epoch_seconds
     from benchmarks.rundirs import set_aside_if_stale
 
     cfg = run_config(task, algo, seed, args)
@@ -192,7 +193,7 @@ def run_one(task: str, algo: str, seed: int, args: argparse.Namespace) -> tuple[
     trainer = Trainer(cfg, resume=resume)
     # A resumed run also counts the sampling and training time of the epochs it resumed past (their set-up and
     # checkpoint time is lost with the process that ran them), so "train min" is not the last piece's alone.
-    before_s = sum(h.get("perf/sample_s", 0.0) + h.get("perf/train_s", 0.0) for h in trainer.history)
+    before_s = sum(epoch_seconds(h) for h in trainer.history)
     trainer.train()
     train_s = time.perf_counter() - t0 + before_s
     result = {
