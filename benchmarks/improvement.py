@@ -39,7 +39,9 @@ QUICK_RUNS = RUNS.with_name("improvement-quick")
 FULL = dict(tasks=["Compressibility", "Incompressibility"], algos=["ddpo-is", "ddpo-sf", "rwr", "rwr-sparse"],
             seeds=[0, 1, 2], budget=2048, eval_samples=64, runs=RUNS)  # fmt: skip
 QUICK = dict(tasks=["Compressibility"], algos=["ddpo-is"], seeds=[0], budget=256, eval_samples=16, runs=QUICK_RUNS)
-TINY_EPOCH_S = 15.0  # one epoch of 64 samples with a tiny preset on a 2-core CPU (agents/config.py)
+# Seconds of one epoch of 64 samples with the ddpo-is tiny preset, one thread of a 2-core CPU, by model family:
+# the tiny DDIM model (agents/config.py) and the tiny flow model (Denoise-TinyFlow-*: 8 s sampling, 54 s training).
+EPOCH_S_PER_64 = {"Denoise-Tiny-": 15.0, "Denoise-TinyFlow-": 62.0}
 
 
 def _task(name: str) -> str:
@@ -208,7 +210,9 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     results = []
     plan = [(task, algo, seed) for task in map(_task, args.tasks) for algo in args.algos for seed in args.seeds]
-    print(estimate_line(len(plan), args.budget), flush=True)
+    sizes = [preset_config("tiny", algo, **{"env_id": task, **args.overrides}).samples_per_epoch
+             for task, algo, _ in plan]  # fmt: skip
+    print(estimate_line([(task, n) for (task, _, _), n in zip(plan, sizes)], args.budget), flush=True)
     started, trained = time.perf_counter(), 0
     for i, (task, algo, seed) in enumerate(plan):
         base_stats(task, args)
@@ -229,14 +233,20 @@ def main(argv=None) -> list[dict]:
     return results
 
 
-def estimate_line(num_runs: int, budget: int, epoch_s: float = TINY_EPOCH_S, samples_per_epoch: int = 64) -> str:
-    """A duration estimate before anything runs: epochs per run at the tiny presets' epoch time."""
-    epochs = -(-budget // samples_per_epoch)
-    minutes = num_runs * epochs * epoch_s / 60
-    return (f"{num_runs} run(s) x {epochs} epochs of {samples_per_epoch} samples: about {minutes:.0f} min at "
-            f"~{epoch_s:.0f} s per epoch (tiny presets, one thread of a 2-core CPU), plus evaluations; "
-            "finished runs are reused")  # fmt: skip
+def epoch_seconds_estimate(task: str, samples_per_epoch: int) -> float:
+    """The expected seconds of one training epoch on ``task`` (its model family's figure in
+    :data:`EPOCH_S_PER_64`, scaled to ``samples_per_epoch``)."""
+    prefix = max((k for k in EPOCH_S_PER_64 if task.startswith(k)), key=len, default="Denoise-Tiny-")
+    return EPOCH_S_PER_64[prefix] * samples_per_epoch / 64
 
+
+def estimate_line(runs: list[tuple[str, int]], budget: int) -> str:
+    """A duration estimate before anything runs; ``runs``: each planned run's (task, samples per epoch)."""
+    seconds = sum(-(-budget // spe) * epoch_seconds_estimate(task, spe) for task, spe in runs)
+    shapes = sorted({(-(-budget // spe), spe, epoch_seconds_estimate(task, spe)) for task, spe in runs})
+    each = ", ".join(f"{e} epochs of {spe} samples at ~{s:.0f} s" for e, spe, s in shapes)
+    return (f"{len(runs)} run(s) x {each}: about {seconds / 60:.0f} min (one thread of a 2-core CPU), "
+            "plus evaluations; finished runs are reused")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -437,8 +437,13 @@ def test_benchmark_figures_that_could_surprise_are_explained():
     assert "did not pay" in neg and "2 CPU thread" in neg
     assert "fully hidden" in explain_hidden_fraction(1.2, threads=2)
     assert "50%" in explain_hidden_fraction(0.5, threads=2)
-    # 3 runs x ceil(2048 / 64) = 32 epochs x 15 s = 24 min
-    assert estimate_line(3, 2048, epoch_s=15.0).startswith("3 run(s) x 32 epochs of 64 samples: about 24 min")
+    # 3 runs x ceil(2048 / 64) = 32 epochs x 15 s = 24 min on the tiny DDIM model
+    assert estimate_line([("Denoise-Tiny-Compressibility-v0", 64)] * 3, 2048).startswith(
+        "3 run(s) x 32 epochs of 64 samples at ~15 s: about 24 min")
+    # the tiny flow model's epochs take ~62 s per 64 samples: 32 epochs of 32 samples x 31 s + 16 x 15 s = 20.5 min
+    line = estimate_line([("Denoise-TinyFlow-Compressibility-v0", 32), ("Denoise-Tiny-Compressibility-v0", 64)], 1024)
+    assert "32 epochs of 32 samples at ~31 s" in line and "16 epochs of 64 samples at ~15 s" in line
+    assert "about 21 min" in line
     assert QUICK["runs"] != RUNS and QUICK["budget"] < 2048
 
 
