@@ -145,7 +145,8 @@ class DenoisingEnv(VectorEnv):
             if value is not None:
                 check_int(name, value, 1)
         if not eta > 0:
-            raise ValueError(f"eta={eta}; the DDIM step has no density for eta <= 0. Use eta > 0 (DDPO uses 1)")
+            raise ValueError(f"eta={eta}; the step has no density for eta <= 0 (eta is DDIM's η or the flow SDE's "
+                             "noise level a). Use eta > 0 (DDPO: 1 on SD v1; Flow-GRPO: 0.7 on SD3.5)")  # fmt: skip
         if not guidance_scale >= 1.0:
             raise ValueError(f"guidance_scale={guidance_scale}; expected >= 1 (1 disables guidance)")
         if not action_bound > 0 or not np.isfinite(action_bound):

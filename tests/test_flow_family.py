@@ -90,6 +90,9 @@ def test_schedule_without_density_is_refused(tiny_sd3):
         family.set_schedule(4, 0.0, 1.0)
     with pytest.raises(ValueError, match="CPS"):
         SD3CPSFamily.load(tiny_sd3).set_schedule(4, 1.5, 1.0)
+    with pytest.raises(ValueError, match="eta=0.0") as exc:  # the env's own check speaks of both families
+        make_env(tiny_sd3, num_envs=1, num_steps=3, eta=0.0)
+    assert "noise level a" in str(exc.value) and "Flow-GRPO: 0.7" in str(exc.value)
 
 
 def test_deterministic_sampling_is_diffusers_sd3_pipeline(tiny_sd3):
