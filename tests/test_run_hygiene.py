@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from agents.config import TrainConfig, compatibility_warnings
+from agents.config import TrainConfig, compatibility_warnings, preset_config
 
 
 def _cfg(tiny_sd, run_dir, **kw):
@@ -25,6 +25,10 @@ def test_sum_reduction_with_a_mean_tuned_clip_range_is_warned_about_with_the_sca
     assert compatibility_warnings(TrainConfig(log_prob_reduction="mean", clip_range=1e-4), latent_dim=256) == []
     assert compatibility_warnings(TrainConfig(log_prob_reduction="sum", clip_range=0.2), latent_dim=256) == []
     assert compatibility_warnings(TrainConfig(algo="rwr", log_prob_reduction="sum"), latent_dim=256) == []
+    # every shipped tiny preset's clip range is of the mean scale, the tiny flow model's 2e-2 too
+    for env_id in ("Denoise-Tiny-Compressibility-v0", "Denoise-TinyFlow-Compressibility-v0"):
+        cfg = preset_config("tiny", "ddpo-is", env_id=env_id, log_prob_reduction="sum")
+        assert len(compatibility_warnings(cfg, latent_dim=256)) == 1, env_id
 
 
 def test_the_trainer_warns_with_the_env_latent_size(tiny_sd, tmp_path):
