@@ -145,6 +145,12 @@ class _SharedFields:
         "\"A:B\" (steps A … B-1, counted from 0 at pure noise).",
     )
     learning_rate: float = _doc(1e-5, "AdamW learning rate.")
+    lr_warmup_steps: int = _doc(
+        0,
+        "Optimizer steps over which the learning rate rises linearly to learning_rate (step k of N uses k/N of "
+        "it; 0: none). AdamW's first step moves every trainable parameter by about the learning rate, whatever "
+        "its gradient's size.",
+    )
     adam_beta1: float = _doc(0.9, "AdamW β1.")
     adam_beta2: float = _doc(0.999, "AdamW β2.")
     adam_weight_decay: float = _doc(1e-4, "AdamW weight decay (appendix A.6: 1e-4).")
@@ -314,6 +320,8 @@ class TrainConfig(_SharedFields):
                 errors.append(f"{name}={getattr(self, name)}: expected a positive integer")
         if self.reward_query_budget < 0:
             errors.append(f"reward_query_budget={self.reward_query_budget}: expected >= 0 (0 = no budget)")
+        if self.lr_warmup_steps < 0:
+            errors.append(f"lr_warmup_steps={self.lr_warmup_steps}: expected >= 0 (0 = no warm-up)")
         if self.samples_per_epoch % max(1, self.sample_batch_size):
             errors.append(
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="

@@ -10,7 +10,7 @@ from conftest import make_env
 
 from agents import ddpo_is, ddpo_sf
 from agents.config import TrainConfig, preset_config
-from agents.core import PerPromptStatTracker, RolloutBuffer, collect_rollout
+from agents.core import PerPromptStatTracker, RolloutBuffer, collect_rollout, make_optimizer, warmup_lr
 from agents.policy import GaussianDenoisingPolicy
 from agents.rwr import per_prompt_softmax
 from agents.rwr_sparse import sparse_weights
@@ -134,18 +134,36 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "charts/samples_per_s"} for r in rows]
 
 
-def test_resume_equals_uninterrupted(tiny_sd, tmp_path):
-    full = Trainer(_cfg(tiny_sd, tmp_path / "a", num_epochs=3))
+@pytest.mark.parametrize("warmup", [0, 50])  # 50: every step of the run is in the warm-up, resumed mid-way
+def test_resume_equals_uninterrupted(tiny_sd, tmp_path, warmup):
+    full = Trainer(_cfg(tiny_sd, tmp_path / "a", num_epochs=3, lr_warmup_steps=warmup))
     full_hist = full.train()
-    part = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=2))
+    part = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=2, lr_warmup_steps=warmup))
     part.train()
-    resumed = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=3), resume=True)
+    resumed = Trainer(_cfg(tiny_sd, tmp_path / "b", num_epochs=3, lr_warmup_steps=warmup), resume=True)
     assert resumed.epoch == 2
     resumed.train()
     rows = [json.loads(line) for line in open(tmp_path / "b" / "run" / "metrics.jsonl")]
     assert _strip(rows) == _strip(full_hist)
     for (n, p), (_, q) in zip(full.policy.network.named_parameters(), resumed.policy.network.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_lr_warmup_rises_linearly_over_applied_steps_then_holds():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = make_optimizer([p], TrainConfig(learning_rate=0.2, lr_warmup_steps=4))
+    used = []
+    for _ in range(6):
+        p.grad = torch.ones(3)
+        warmup_lr(opt)
+        used.append(opt.param_groups[0]["lr"])
+        opt.step()
+    assert used == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2, 0.2])
+    plain = make_optimizer([torch.nn.Parameter(torch.zeros(3))], TrainConfig(learning_rate=0.2))
+    warmup_lr(plain)
+    assert plain.param_groups[0]["lr"] == 0.2 and "lr_warmup_steps" not in plain.param_groups[0]
+    with pytest.raises(ValueError, match="lr_warmup_steps=-1: expected >= 0"):
+        TrainConfig(lr_warmup_steps=-1).validate()
 
 
 def test_training_changes_weights_and_writes_run_dir(tiny_sd, tmp_path):
