@@ -121,12 +121,6 @@ def test_tiny_preset_serves_tinyflow_ids_with_their_own_rwr_beta(monkeypatch):
     monkeypatch.setitem(config.TINY_RWR_BETA, "Compressibility", 5.0)
     assert preset_config("tiny", "rwr", env_id="Denoise-TinyFlow-Compressibility-v0").rwr_beta == 3.0
     assert preset_config("tiny", "rwr", env_id="Denoise-Tiny-Compressibility-v0").rwr_beta == 5.0
-    import agents.ddpo_is as ddpo_is  # DDPO-IS: one preset per model family
-
-    monkeypatch.setitem(ddpo_is.TINYFLOW_PRESET, "clip_range", 0.03)
-    monkeypatch.setitem(ddpo_is.TINY_PRESET, "clip_range", 0.004)
-    assert preset_config("tiny", "ddpo-is", env_id="Denoise-TinyFlow-Compressibility-v0").algo_config.clip_range == 0.03
-    assert preset_config("tiny", "ddpo-is", env_id="Denoise-Tiny-Compressibility-v0").algo_config.clip_range == 0.004
     for algo in registered_algos():
         preset_config("tiny", algo, env_id="Denoise-TinyFlow-PromptAlignment-v0").validate()
 
