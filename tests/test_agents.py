@@ -58,6 +58,7 @@ class _ConstantEpsUNet(torch.nn.Module):
 class _CaptureOptimizer:
     def __init__(self, params):
         self.params, self.grads = list(params), None
+        self.param_groups = [{"params": self.params, "lr": 1.0}]  # no warm-up keys: optimizer_step leaves lr alone
 
     def step(self):
         self.grads = [p.grad.clone() for p in self.params]
