@@ -183,7 +183,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Op
         params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=fused or None,
     )  # fmt: skip
-    warmup = getattr(cfg, "lr_warmup_steps", 0)
+    warmup = cfg.lr_warmup_steps
     if warmup:  # kept in the param groups, so a checkpoint's optimizer state carries the schedule
         for group in optimizer.param_groups:
             group.update(base_lr=cfg.learning_rate, lr_warmup_steps=warmup, warmup_done=0)

@@ -248,5 +248,6 @@ def estimate_line(runs: list[tuple[str, int]], budget: int) -> str:
     return (f"{len(runs)} run(s) x {each}: about {seconds / 60:.0f} min (one thread of a 2-core CPU), "
             "plus evaluations; finished runs are reused")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()
