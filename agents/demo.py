@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,17 +22,6 @@ from diffusion_env import TINY_MODEL_PATH
 ENV_ID = "Denoise-Tiny-Compressibility-v0"
 
 
-def idle_cores() -> int:
-    """Cores not already busy (usable cores minus the 1-minute load average), at least 1.
-
-    On a small shared CPU, torch threads that compete with other jobs' for a core wait on each other
-    at every operator (measured here: 2 threads 4-5x slower than 1 while another job held a core).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - load)))
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=4.0, help="training time limit")
@@ -43,10 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads < 0:
         p.error(f"--threads={args.threads}: expected 0 (automatic) or a positive number")
-    import torch
-
-    torch.set_num_threads(args.threads or idle_cores())
-    print(f"training on {torch.get_num_threads()} torch thread(s) for at most {args.minutes:g} min")
     if not (TINY_MODEL_PATH / "model_index.json").is_file():
         raise SystemExit(f"the shipped tiny model is missing at {TINY_MODEL_PATH}; reinstall the package")
     run_dir = Path(args.run_dir)
@@ -55,9 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(backup, ignore_errors=True)
         run_dir.rename(backup)
     cfg = preset_config("tiny", "ddpo-is", env_id=ENV_ID, num_epochs=args.epochs, run_dir=str(run_dir),
-                        time_limit_s=60 * args.minutes, seed=0)  # fmt: skip
+                        time_limit_s=60 * args.minutes, seed=0, threads=args.threads)  # fmt: skip
     start = time.perf_counter()
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg)  # sets the torch threads: args.threads, or the cores not already busy
+    import torch
+
+    print(f"training on {torch.get_num_threads()} torch thread(s) for at most {args.minutes:g} min")
     base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     try:
         trainer.train()  # Ctrl-C: stops after the current epoch, then evaluates what it has

@@ -9,12 +9,21 @@ keeps freed memory in the process for reuse instead: the resident size stays at 
 
 It is process-wide, so the library never applies it on import: the trainer, ``make demo`` and the
 benchmarks call it on CPU runs. Other allocators (jemalloc, tcmalloc, macOS, Windows) are left alone.
+
+``idle_cores()`` / ``set_threads(n)``: torch's intra-op thread count for a CPU run. torch starts with one
+thread per core; on a small machine another job's process makes those threads wait on each other at every
+operator (measured on this project's 2-core machine: 2 threads 4-5x slower than 1 while another job held a
+core; on the idle machine 2 threads 1.5x faster than 1). A training run therefore takes the cores that are
+not busy when it starts (TrainConfig.threads = 0, the default), or the count it is given. A thread count
+the user chose for the process (``OMP_NUM_THREADS``, which torchrun also sets to 1 per process) is kept, and
+several processes of one run on a machine (``LOCAL_WORLD_SIZE``) share its cores.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 # mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1
@@ -42,3 +51,31 @@ def retain_freed_memory() -> bool:
     trim = mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     mmap = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
     return bool(trim and mmap)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """Cores not already busy: usable cores minus the 1-minute load average, rounded, at least 1."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(usable_cores(), round(usable_cores() - load)))
+
+
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op threads to ``threads``; returns the count in use.
+
+    ``threads=0`` (automatic): keep the count when ``OMP_NUM_THREADS`` is set, else :func:`idle_cores`
+    divided among the run's processes on this machine (``LOCAL_WORLD_SIZE``).
+    """
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"threads={threads}; expected 0 (the idle cores) or a positive integer")
+    if threads == 0 and os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    n = threads or max(1, idle_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    torch.set_num_threads(n)
+    return n

@@ -62,7 +62,7 @@ from agents.progress import (
 )
 from agents.registry import algo_spec
 from agents.rundir import LOCK_NAME, lock_run_dir
-from agents.runtime import retain_freed_memory
+from agents.runtime import retain_freed_memory, set_threads
 from rewards.base import check_options
 from rewards.secrets import redact
 
@@ -153,6 +153,7 @@ class Trainer:
         self.cfg = cfg.validate()
         if torch.device(cfg.device).type == "cpu":
             retain_freed_memory()  # no page faults for every micro-batch's activations (agents/runtime.py)
+            set_threads(cfg.threads)  # the idle cores unless told (agents/runtime.py)
         self.dist = distributed.init()  # one process: a no-op context (see agents/distributed.py)
         self.dist.check_config(self.cfg)
         self.algo = algo_spec(cfg.algo)

@@ -99,7 +99,8 @@ def run(task: str, algo: str, seed: int, args) -> dict:
     name = f"{algo}+{args.tag}" if args.tag else algo
     folder = args.runs / task / name / f"seed{seed}"
     cfg = preset_config("tiny", algo, **{**dict(env_id=task, reward_query_budget=args.budget, num_epochs=10**6,
-                                                run_dir=str(folder), seed=seed, progress=args.progress),
+                                                run_dir=str(folder), seed=seed, progress=args.progress,
+                                                threads=args.threads),
                                          **args.overrides}).validate()  # fmt: skip
     set_aside_if_stale(folder, cfg)
     done = folder / "result.json"

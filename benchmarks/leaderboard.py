@@ -96,7 +96,7 @@ def run_config(task: str, algo: str, seed: int, args: argparse.Namespace):
     """The run's TrainConfig: the algorithm's tiny preset, this task and seed, the budget."""
     overrides: dict[str, Any] = dict(env_id=task, seed=seed, reward_query_budget=args.budget, progress=False,
                                      run_dir=str(args.runs / task / algo / f"seed{seed}"), save_every=1,
-                                     micro_batch_size=args.micro_batch)  # fmt: skip
+                                     micro_batch_size=args.micro_batch, threads=args.threads)  # fmt: skip
     if args.model:
         overrides["env_kwargs"] = {"model": str(args.model)}
     if args.num_steps:

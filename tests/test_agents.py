@@ -179,6 +179,16 @@ def test_training_changes_weights_and_writes_run_dir(tiny_sd, tmp_path):
     assert (run / "checkpoints" / latest / "weights.safetensors").exists()
 
 
+def test_trainer_sets_the_configs_threads(tiny_sd, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        Trainer(_cfg(tiny_sd, tmp_path, threads=1)).close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_nan_reward_never_reaches_weights(tiny_sd, tmp_path):
     def nan_reward(images, prompts):
         r = torch.ones(len(prompts))

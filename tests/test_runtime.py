@@ -45,3 +45,51 @@ def test_retained_memory_is_reused_without_page_faults():
     # glibc's defaults fault in ~10,000-25,000 fresh pages (40-100 MB) per step here; retained memory is
     # reused (an occasional step still faults some in: the median step).
     assert retained["median_faults"] < default["median_faults"] / 20, (default, retained)
+
+
+# ---------------------------------------------------------------------------------------------- threads
+@pytest.fixture
+def four_cores_load_one(monkeypatch):
+    """A machine of 4 usable cores with a 1-minute load average of 1.2 (another job holds about one)."""
+    from agents import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.2, 1.0, 1.0), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(before)
+
+
+def test_automatic_threads_take_the_idle_cores(four_cores_load_one, monkeypatch):
+    from agents.runtime import idle_cores, set_threads
+
+    torch = four_cores_load_one
+    assert idle_cores() == 3  # 4 cores, one busy
+    assert set_threads(0) == 3 and torch.get_num_threads() == 3
+    assert set_threads(2) == 2 and torch.get_num_threads() == 2  # an explicit count wins
+    monkeypatch.setattr("agents.runtime.os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert set_threads(0) == 1  # a saturated machine: one thread, never 0
+
+
+def test_automatic_threads_keep_the_users_choice_and_share_among_local_processes(four_cores_load_one, monkeypatch):
+    from agents.runtime import set_threads
+
+    torch = four_cores_load_one
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert set_threads(0) == 1  # 3 idle cores shared by 2 processes of one run
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(1)
+    assert set_threads(0) == 1 and torch.get_num_threads() == 1  # OMP_NUM_THREADS set: torch's count is kept
+    with pytest.raises(ValueError, match=r"threads=-1; expected 0"):
+        set_threads(-1)
+
+
+def test_train_config_refuses_negative_threads():
+    from agents.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"threads=-2: expected an integer >= 0"):
+        TrainConfig(threads=-2).validate()
