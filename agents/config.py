@@ -189,8 +189,8 @@ class _SharedFields:
     device: str = _doc("cpu", "Torch device.")
     threads: int = _doc(
         0,
-        "Speed: torch intra-op threads of a CPU run, set when the trainer starts (0: the cores not busy with "
-        "other jobs, from the 1-minute load average; see agents/runtime.py). Process-wide.",
+        "Speed: torch intra-op threads of a CPU run, set when the trainer starts (0: the cores that other "
+        "processes do not keep busy, measured for a quarter second; see agents/runtime.py). Process-wide.",
     )
     channels_last: bool = _doc(
         False,

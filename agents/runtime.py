@@ -58,10 +58,44 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _parse_cpu_line(line: str) -> tuple[int, int]:
+    """(busy, total) jiffies from /proc/stat's "cpu ..." line."""
+    fields = [int(x) for x in line.split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - idle, total
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat (Linux), or None."""
+    try:
+        with open("/proc/stat") as fh:
+            return _parse_cpu_line(fh.readline())
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def busy_cores(window_s: float = 0.25) -> float:
+    """How many of the machine's cores other processes keep busy right now.
+
+    Measured over ``window_s`` seconds from /proc/stat while this process sleeps, so it is the present
+    load, not the past minute's: the 1-minute load average (the fallback where /proc/stat is missing)
+    still counts a job that ended seconds ago, and would give a run that follows another one core.
+    """
+    import time
+
+    before = _cpu_times()
+    if before is None:
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    time.sleep(window_s)
+    after = _cpu_times()
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+
+
 def idle_cores() -> int:
-    """Cores not already busy: usable cores minus the 1-minute load average, rounded, at least 1."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(usable_cores(), round(usable_cores() - load)))
+    """Cores not already busy: usable cores minus :func:`busy_cores`, rounded, at least 1."""
+    return max(1, min(usable_cores(), round(usable_cores() - busy_cores())))
 
 
 def set_threads(threads: int) -> int:

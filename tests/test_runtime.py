@@ -50,11 +50,11 @@ def test_retained_memory_is_reused_without_page_faults():
 # ---------------------------------------------------------------------------------------------- threads
 @pytest.fixture
 def four_cores_load_one(monkeypatch):
-    """A machine of 4 usable cores with a 1-minute load average of 1.2 (another job holds about one)."""
+    """A machine of 4 usable cores of which other processes keep 1.2 busy."""
     from agents import runtime
 
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (1.2, 1.0, 1.0), raising=False)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 1.2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     torch = pytest.importorskip("torch")
@@ -70,7 +70,7 @@ def test_automatic_threads_take_the_idle_cores(four_cores_load_one, monkeypatch)
     assert idle_cores() == 3  # 4 cores, one busy
     assert set_threads(0) == 3 and torch.get_num_threads() == 3
     assert set_threads(2) == 2 and torch.get_num_threads() == 2  # an explicit count wins
-    monkeypatch.setattr("agents.runtime.os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr("agents.runtime.busy_cores", lambda: 9.0)
     assert set_threads(0) == 1  # a saturated machine: one thread, never 0
 
 
@@ -93,3 +93,14 @@ def test_train_config_refuses_negative_threads():
 
     with pytest.raises(ValueError, match=r"threads=-2: expected an integer >= 0"):
         TrainConfig(threads=-2).validate()
+
+
+def test_busy_cores_is_the_busy_share_of_the_cpu_time_in_the_window(monkeypatch):
+    from agents import runtime
+
+    # /proc/stat's first line twice: user nice system idle iowait irq softirq steal
+    lines = iter(["cpu 100 0 50 800 50 0 0 0\n", "cpu 250 0 100 900 50 0 0 0\n"])
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: runtime._parse_cpu_line(next(lines)))
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
+    # In the window: 200 busy jiffies of 300 on 4 CPUs = 2.67 cores busy.
+    assert runtime.busy_cores(window_s=0) == pytest.approx(4 * 200 / 300)
