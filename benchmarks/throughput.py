@@ -6,10 +6,10 @@ What is measured, in one process:
 
 - **The optimised epoch**: the library's own path (``collect_rollout`` over ``sample_batch_size``
   lockstep trajectories, then the registered ``ddpo-is`` update on flattened (sample, timestep)
-  micro-batches) with the speed-ups of :class:`~agents.config.TrainConfig` switched on
-  (``micro_batch_size``, ``channels_last``, ``compile_network``, ``attention``, and opt-in
-  ``autocast_dtype`` with ``recompute_old_log_probs``: see ``--micro-batch``, ``--channels-last``,
-  ``--compile``, ``--attention``, ``--bf16``). Both sides use the fused AdamW of ``make_optimizer`` and,
+  micro-batches) with the speed settings of the preset, those a ``denoise-gym train --preset`` run takes
+  (``micro_batch_size``, ``channels_last``, ``compile_network``, ``attention``, threads; each can be
+  changed with ``--micro-batch``, ``--channels-last``, ``--compile``, ``--attention``, ``--threads``, and
+  bf16 autocast with recomputed old log-probs turned on with ``--bf16``). Both sides use the fused AdamW of ``make_optimizer`` and,
   on CPU, keep freed memory in the process (``--retain-freed-memory``), as training runs do.
 - **The baseline epoch** (``--baseline``): the same epoch with every speed-up off, in the style of the
   reference implementations (TRL's DDPOTrainer, ddpo-pytorch): eager fp32, sampling in batches of 16
@@ -62,7 +62,7 @@ from agents.core import (
 )
 from agents.policy import GaussianDenoisingPolicy
 from agents.registry import get_algo
-from agents.runtime import retain_freed_memory
+from agents.runtime import retain_freed_memory, set_threads
 from agents.trainer import derive_seed, make_env
 from benchmarks.heartbeat import heartbeat
 from diffusion_env.models import TINY_MODEL_PATH
@@ -466,9 +466,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--micro-batch",
         type=int,
-        default=160,
-        help="optimised side's (sample, timestep) pairs per training call (default 160: 320 UNet rows "
-        "with CFG, two equal calls per optimizer step of 16 samples x 20 steps)",
+        help="optimised side's (sample, timestep) pairs per training call (default: the preset's, what "
+        "denoise-gym train uses; 32 in the tiny presets)",
     )
     p.add_argument(
         "--bf16", nargs="?", const="on", default="off", choices=("auto", "on", "off"),
@@ -480,24 +479,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--attention", choices=ATTENTION_IMPLS,
-        help="optimised side's attention kernels (agents.policy.GaussianDenoisingPolicy): default math on CPU "
-        "(short sequences: faster, and torch's CPU flash-attention backward is slow in bf16), sdpa on GPU",
+        help="optimised side's attention kernels (agents.policy.GaussianDenoisingPolicy; default: the preset's, "
+        "sdpa; math was no faster for the tiny model in fp32 on an AMD EPYC, faster with an Intel Xeon's AMX)",
     )  # fmt: skip
     p.add_argument(
-        "--channels-last", action=argparse.BooleanOptionalAction, default=True,
-        help="optimised side in channels_last memory format (default on)",
+        "--channels-last", action=argparse.BooleanOptionalAction,
+        help="optimised side in channels_last memory format (default: the preset's, off)",
     )  # fmt: skip
     p.add_argument(
-        "--compile", action=argparse.BooleanOptionalAction, default=True,
-        help="optimised side through torch.compile (default on; about a minute of warm-up, excluded from "
-        "the timed epochs and reported as compile_s; --no-compile for eager)",
+        "--compile", action=argparse.BooleanOptionalAction,
+        help="optimised side through torch.compile (default: the preset's, off; one to two and a half minutes "
+        "of warm-up on a 2-core CPU, excluded from the timed epochs and reported as compile_s)",
     )  # fmt: skip
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch intra-op threads for both sides (default 1: on a shared 2-core machine, 2 threads "
-        "were 4-5x slower than 1 when another job held a core)",
+        default=0,
+        help="torch intra-op threads for both sides (default 0: as a training run chooses them, the cores "
+        "not busy with other jobs; agents/runtime.py)",
     )
     p.add_argument(
         "--retain-freed-memory", action=argparse.BooleanOptionalAction, default=True,
@@ -514,9 +513,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.random_model = args.random_model or "micro"
         args.samples, args.steps, args.repeats, args.peak_n = 16, args.steps or 4, 1, 512
         args.compile = False  # a smoke run: no minute of compilation
-    for name in ("samples", "repeats", "peak_n", "micro_batch", "threads"):
-        if getattr(args, name) < 1:
+    for name in ("samples", "repeats", "peak_n", "micro_batch"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
+    if args.threads < 0:
+        p.error(f"--threads={args.threads}: expected 0 (the idle cores) or a positive integer")
     if args.samples % 16:
         p.error(f"--samples={args.samples}: expected a multiple of 16 (the baseline's batch size)")
     return args
@@ -524,7 +525,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # as the trainer does (TrainConfig.threads)
     # Both sides alike: freed activations are reused instead of faulted in afresh (agents/runtime.py).
     retained = retain_freed_memory() if args.device == "cpu" and args.retain_freed_memory else None
     load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -552,7 +553,8 @@ def main(argv=None) -> dict[str, Any]:
     )
     bf16_gain = peaks["bf16_gflops"] / peaks["fp32_gflops"]
     bf16 = use_bf16(args.bf16, peaks["fp32_gflops"], peaks["bf16_gflops"])
-    attention = args.attention or ("sdpa" if args.device.startswith("cuda") else "math")
+    preset = preset_config(args.preset, "ddpo-is", env_id=args.env)
+    attention = args.attention or preset.attention
     choice = {"bf16": bf16, "bf16_option": args.bf16, "bf16_matmul_gain": bf16_gain,
               "bf16_auto_min_gain": BF16_AUTO_MIN_GAIN, "attention": attention}  # fmt: skip
     print(f"optimised side: {'bf16 autocast' if bf16 else 'fp32'} (--bf16 {args.bf16}; bf16 matmuls "
@@ -565,8 +567,10 @@ def main(argv=None) -> dict[str, Any]:
     common.update(train_batch_size=16, num_inner_epochs=1, timestep_fraction=1.0)
     opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
         sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
-        micro_batch_size=args.micro_batch, channels_last=args.channels_last, attention=attention,
-        autocast_dtype="bf16" if bf16 else None, compile_network=args.compile, recompute_old_log_probs=bf16,
+        micro_batch_size=args.micro_batch or preset.micro_batch_size, attention=attention,
+        channels_last=preset.channels_last if args.channels_last is None else args.channels_last,
+        compile_network=preset.compile_network if args.compile is None else args.compile,
+        autocast_dtype="bf16" if bf16 else None, recompute_old_log_probs=bf16,
     ).validate()  # fmt: skip
     sides = [build_side(opt_cfg, "optimised")]
     if args.baseline:

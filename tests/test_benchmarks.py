@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from agents import registry
+from agents.config import preset_config
 from agents.core import RolloutBuffer, optimizer_step
 
 
@@ -58,6 +59,10 @@ def test_throughput_quick_reports_consistent_figures(micro_model, tmp_path):
     assert opt["unet_calls"] == steps * samples // c["sample_batch_size"] + train_calls
     # Same epoch, same UNet FLOPs whichever way it is batched.
     assert opt["unet_gflop_per_epoch"] == pytest.approx(base["unet_gflop_per_epoch"], rel=1e-6)
+    # The optimised side runs with the speed settings a `denoise-gym train --preset tiny` run takes.
+    preset = preset_config("tiny", "ddpo-is")
+    assert (c["micro_batch_size"], c["attention"], c["channels_last"]) == (
+        preset.micro_batch_size, preset.attention, preset.channels_last)
     assert saved["speedup"] == pytest.approx(base["epoch_s"] / opt["epoch_s"])
 
 
