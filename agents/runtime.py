@@ -59,7 +59,7 @@ def usable_cores() -> int:
 
 
 def _parse_cpu_line(line: str) -> tuple[int, int]:
-    """(busy, total) jiffies from /proc/stat's "cpu ..." line."""
+    """(busy, total) jiffies from one of /proc/stat's "cpu..." lines."""
     fields = [int(x) for x in line.split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
     total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
@@ -67,16 +67,30 @@ def _parse_cpu_line(line: str) -> tuple[int, int]:
 
 
 def _cpu_times() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat (Linux), or None."""
+    """(busy, total) jiffies summed over the CPUs this process may run on, from /proc/stat (Linux), or None.
+
+    Per-CPU lines, not the all-CPU one: in a container pinned to a few of a host's CPUs, /proc/stat lists
+    them all, and the others' load is not this process's concern."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    busy = total = 0
     try:
         with open("/proc/stat") as fh:
-            return _parse_cpu_line(fh.readline())
+            for line in fh:
+                name = line.split(maxsplit=1)[0] if line.strip() else ""
+                if not name.startswith("cpu") or name == "cpu":
+                    continue
+                if not name[3:].isdigit():
+                    break
+                if allowed is None or int(name[3:]) in allowed:
+                    b, t = _parse_cpu_line(line)
+                    busy, total = busy + b, total + t
     except (OSError, ValueError, IndexError):
         return None
+    return (busy, total) if total > 0 else None
 
 
 def busy_cores(window_s: float = 0.25) -> float:
-    """How many of the machine's cores other processes keep busy right now.
+    """How many of this process's usable cores other processes keep busy right now.
 
     Measured over ``window_s`` seconds from /proc/stat while this process sleeps, so it is the present
     load, not the past minute's: the 1-minute load average (the fallback where /proc/stat is missing)
@@ -89,8 +103,10 @@ def busy_cores(window_s: float = 0.25) -> float:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     time.sleep(window_s)
     after = _cpu_times()
+    if after is None:
+        return 0.0
     busy, total = after[0] - before[0], after[1] - before[1]
-    return (os.cpu_count() or 1) * busy / total if total > 0 else 0.0
+    return usable_cores() * busy / total if total > 0 else 0.0
 
 
 def idle_cores() -> int:

@@ -95,12 +95,25 @@ def test_train_config_refuses_negative_threads():
         TrainConfig(threads=-2).validate()
 
 
-def test_busy_cores_is_the_busy_share_of_the_cpu_time_in_the_window(monkeypatch):
+def test_busy_cores_is_the_busy_share_of_the_usable_cpus_time_in_the_window(monkeypatch, tmp_path):
     from agents import runtime
 
-    # /proc/stat's first line twice: user nice system idle iowait irq softirq steal
-    lines = iter(["cpu 100 0 50 800 50 0 0 0\n", "cpu 250 0 100 900 50 0 0 0\n"])
-    monkeypatch.setattr(runtime, "_cpu_times", lambda: runtime._parse_cpu_line(next(lines)))
-    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 4)
-    # In the window: 200 busy jiffies of 300 on 4 CPUs = 2.67 cores busy.
-    assert runtime.busy_cores(window_s=0) == pytest.approx(4 * 200 / 300)
+    # /proc/stat twice (user nice system idle iowait irq softirq steal). The process may run on CPUs 0 and 2;
+    # CPU 1 is another container's, fully busy, and must not count.
+    snapshots = iter([
+        "cpu 0 0 0 0 0 0 0 0\ncpu0 100 0 0 300 0 0 0 0\ncpu1 400 0 0 0 0 0 0 0\ncpu2 50 0 0 350 0 0 0 0\nintr 1\n",
+        "cpu 0 0 0 0 0 0 0 0\ncpu0 200 0 0 300 0 0 0 0\ncpu1 500 0 0 0 0 0 0 0\ncpu2 50 0 0 450 0 0 0 0\nintr 1\n",
+    ])
+    stat = tmp_path / "stat"
+    real_open = open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/stat":
+            stat.write_text(next(snapshots))
+            return real_open(stat, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 2}, raising=False)
+    # In the window, on CPUs 0 and 2: 100 busy jiffies of 200 → one of the two usable cores busy.
+    assert runtime.busy_cores(window_s=0) == pytest.approx(1.0)
