@@ -1,7 +1,8 @@
-"""``make demo``: DDPO-IS on Denoise-Tiny-Compressibility-v0 from the shipped tiny model, on a CPU.
+"""``make demo``: DDPO-IS on Denoise-Tiny-Incompressibility-v0 from the shipped tiny model, on a CPU.
 
-Trains for at most ``--minutes`` (default 4) with the tiny preset, then prints where the before/after
-sample grids and the reward curve are, and the reward before and after at fixed evaluation seeds.
+Trains for at most ``--minutes`` (default 4) with the tiny preset and :data:`DEMO_SETTINGS`, then prints
+where the before/after sample grids and the reward curve are, and the reward before and after at fixed
+evaluation seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from agents.progress import describe_stop
 from agents.trainer import Trainer
 from diffusion_env import TINY_MODEL_PATH
 
-ENV_ID = "Denoise-Tiny-Compressibility-v0"
+ENV_ID = "Denoise-Tiny-Incompressibility-v0"
+# The demo's changes to the tiny DDPO-IS preset: a clearly visible result within its four minutes. Trials of
+# the demo's run (seed 0, 4 minutes, 2 threads, idle 2-core AMD EPYC, 2026-12-07), improvement in base standard
+# deviations at the same evaluation: the preset as it is reaches about 0.9 on Compressibility and 1.2 on
+# Incompressibility in the ~16 epochs that fit (leaderboard, 1,024 queries); with 10 denoising steps instead
+# of 20 (epochs of 7-8 s, 31-34 of them fit): Incompressibility 1.38, and with learning rate 6e-4 and clip
+# range 2e-3 as well 3.72 (Compressibility 1.13). The images gain the texture a larger JPEG needs (the grids).
+DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         backup = run_dir.with_name(f"{run_dir.name}-previous")
         shutil.rmtree(backup, ignore_errors=True)
         run_dir.rename(backup)
-    cfg = preset_config("tiny", "ddpo-is", env_id=ENV_ID, num_epochs=args.epochs, run_dir=str(run_dir),
-                        time_limit_s=60 * args.minutes, seed=0, threads=args.threads)  # fmt: skip
+    cfg = preset_config("tiny", "ddpo-is", **DEMO_SETTINGS, env_id=ENV_ID, num_epochs=args.epochs,
+                        run_dir=str(run_dir), time_limit_s=60 * args.minutes, seed=0, threads=args.threads)  # fmt: skip
     start = time.perf_counter()
     trainer = Trainer(cfg)  # sets the torch threads: args.threads, or the cores not already busy
     import torch
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     (run_dir / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     print(describe_stop(trainer.stop_reason, cfg, trainer.epoch, trainer.reward_queries, trainer.last_epoch_s))
-    print(f"eval reward (−JPEG kB of 64 samples at fixed seeds, higher = smaller files): "
+    print(f"eval reward (JPEG kB of 64 samples at fixed seeds, higher = larger files): "
           f"{base['reward_mean']:.4f} before, {after['reward_mean']:.4f} after training")
     print(f"improvement_in_base_std = (after − before) / std of the base model's rewards = {d:.2f}: how many of the "
           "base model's standard deviations the mean reward moved (0: no change)")  # fmt: skip
