@@ -190,7 +190,7 @@ class _SharedFields:
     threads: int = _doc(
         0,
         "Speed: torch intra-op threads of a CPU run, set when the trainer starts (0: the cores that other "
-        "processes do not keep busy, measured for a quarter second; see agents/runtime.py). Process-wide.",
+        "processes do not keep busy, measured over 0.1 s; see agents/runtime.py). Process-wide.",
     )
     channels_last: bool = _doc(
         False,

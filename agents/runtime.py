@@ -89,7 +89,7 @@ def _cpu_times() -> tuple[int, int] | None:
     return (busy, total) if total > 0 else None
 
 
-def busy_cores(window_s: float = 0.25) -> float:
+def busy_cores(window_s: float = 0.1) -> float:
     """How many of this process's usable cores other processes keep busy right now.
 
     Measured over ``window_s`` seconds from /proc/stat while this process sleeps, so it is the present
