@@ -15,8 +15,9 @@ thread per core; on a small machine another job's process makes those threads wa
 operator (measured on this project's 2-core machine: 2 threads 4-5x slower than 1 while another job held a
 core; on the idle machine 2 threads 1.5x faster than 1). A training run therefore takes the cores that are
 not busy when it starts (TrainConfig.threads = 0, the default), or the count it is given. A thread count
-the user chose for the process (``OMP_NUM_THREADS``, which torchrun also sets to 1 per process) is kept, and
-several processes of one run on a machine (``LOCAL_WORLD_SIZE``) share its cores.
+the user chose for the process (``OMP_NUM_THREADS``, which torchrun also sets to 1 per process, or
+``torch.set_num_threads``) is kept, and several processes of one run on a machine (``LOCAL_WORLD_SIZE``)
+share its cores.
 """
 
 from __future__ import annotations
@@ -114,18 +115,26 @@ def idle_cores() -> int:
     return max(1, min(usable_cores(), round(usable_cores() - busy_cores())))
 
 
+_AUTO_SET: int | None = None  # the count set_threads(0) chose last in this process
+
+
 def set_threads(threads: int) -> int:
     """Set torch's intra-op threads to ``threads``; returns the count in use.
 
-    ``threads=0`` (automatic): keep the count when ``OMP_NUM_THREADS`` is set, else :func:`idle_cores`
-    divided among the run's processes on this machine (``LOCAL_WORLD_SIZE``).
+    ``threads=0`` (automatic): :func:`idle_cores` divided among the run's processes on this machine
+    (``LOCAL_WORLD_SIZE``), unless the process's count was chosen by its user: ``OMP_NUM_THREADS`` is set,
+    or ``torch.set_num_threads`` left a count that is neither torch's default (one per usable core) nor
+    the one this function chose before. That count is kept.
     """
     import torch
 
+    global _AUTO_SET
     if threads < 0:
         raise ValueError(f"threads={threads}; expected 0 (the idle cores) or a positive integer")
-    if threads == 0 and os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
-    n = threads or max(1, idle_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
-    torch.set_num_threads(n)
-    return n
+    if threads == 0:
+        current = torch.get_num_threads()
+        if os.environ.get("OMP_NUM_THREADS") or current not in (usable_cores(), _AUTO_SET):
+            return current
+        threads = _AUTO_SET = max(1, idle_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    torch.set_num_threads(threads)
+    return threads

@@ -55,6 +55,7 @@ def four_cores_load_one(monkeypatch):
 
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(runtime, "busy_cores", lambda: 1.2)
+    monkeypatch.setattr(runtime, "_AUTO_SET", None)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     torch = pytest.importorskip("torch")
@@ -67,23 +68,27 @@ def test_automatic_threads_take_the_idle_cores(four_cores_load_one, monkeypatch)
     from agents.runtime import idle_cores, set_threads
 
     torch = four_cores_load_one
+    torch.set_num_threads(4)  # torch's default: one per usable core
     assert idle_cores() == 3  # 4 cores, one busy
     assert set_threads(0) == 3 and torch.get_num_threads() == 3
-    assert set_threads(2) == 2 and torch.get_num_threads() == 2  # an explicit count wins
     monkeypatch.setattr("agents.runtime.busy_cores", lambda: 9.0)
-    assert set_threads(0) == 1  # a saturated machine: one thread, never 0
+    assert set_threads(0) == 1  # a saturated machine: one thread, never 0 (a second run re-measures)
+    assert set_threads(2) == 2 and torch.get_num_threads() == 2  # an explicit count wins
 
 
 def test_automatic_threads_keep_the_users_choice_and_share_among_local_processes(four_cores_load_one, monkeypatch):
     from agents.runtime import set_threads
 
     torch = four_cores_load_one
+    torch.set_num_threads(4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert set_threads(0) == 1  # 3 idle cores shared by 2 processes of one run
-    torch.set_num_threads(2)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    torch.set_num_threads(1)
-    assert set_threads(0) == 1 and torch.get_num_threads() == 1  # OMP_NUM_THREADS set: torch's count is kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    torch.set_num_threads(2)  # the user's own choice (neither torch's default 4 nor the automatic 1)
+    assert set_threads(0) == 2 and torch.get_num_threads() == 2
+    torch.set_num_threads(4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert set_threads(0) == 4 and torch.get_num_threads() == 4  # OMP_NUM_THREADS set: torch's count is kept
     with pytest.raises(ValueError, match=r"threads=-1; expected 0"):
         set_threads(-1)
 
