@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import time
 
 # mallopt(3) parameters.
 _M_TRIM_THRESHOLD = -1
@@ -97,8 +98,6 @@ def busy_cores(window_s: float = 0.1) -> float:
     load, not the past minute's: the 1-minute load average (the fallback where /proc/stat is missing)
     still counts a job that ended seconds ago, and would give a run that follows another one core.
     """
-    import time
-
     before = _cpu_times()
     if before is None:
         return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0

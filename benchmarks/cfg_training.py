@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from agents.runtime import set_threads
 from benchmarks import leaderboard
 
 VARIANTS = {"without CFG training": False, "with CFG training": True}
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)}: expected a positive integer")
     args.task = leaderboard.task_id(args.task)
     args.model = args.num_steps = args.samples_per_epoch = None  # leaderboard.run_config's options
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # as its runs do (TrainConfig.threads)
     flags = list(VARIANTS.values()) if args.train_only is None else [args.train_only == "with"]
     results = [run_variant(args.task, args.algo, s, flag, args) for flag in flags for s in range(args.seeds)]
     if args.train_only:

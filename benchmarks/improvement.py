@@ -26,11 +26,10 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import diffusion_env  # noqa: F401
 from agents.config import TrainConfig, preset_config
 from agents.evaluate import evaluate_policy
+from agents.runtime import set_threads
 from agents.trainer import Trainer
 from benchmarks.rundirs import set_aside_if_stale
 
@@ -208,7 +207,7 @@ def main(argv=None) -> list[dict]:
     args.overrides = parse_overrides(args.overrides)
     if args.overrides and not args.tag:
         p.error("--set changes the preset: give the trial a --tag so that its runs get their own folders")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # as its runs do (TrainConfig.threads)
     results = []
     plan = [(task, algo, seed) for task in map(_task, args.tasks) for algo in args.algos for seed in args.seeds]
     sizes = [preset_config("tiny", algo, **{"env_id": task, **args.overrides}).samples_per_epoch

@@ -55,6 +55,7 @@ from agents import distributed
 from agents.config import preset_config
 from agents.policy import GaussianDenoisingPolicy
 from agents.registry import registered_algos
+from agents.runtime import set_threads
 
 TASKS = (
     "Denoise-Tiny-Compressibility-v0",
@@ -430,7 +431,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)  # as its runs do (TrainConfig.threads)
     dist = distributed.init()  # under torchrun: every run trains on all processes; the main one evaluates, writes
     # Seed-major order: a leaderboard stopped early still has every (task, algorithm) at seed 0.
     plan = [(t, a, s) for s in range(args.seeds) for t in args.tasks for a in args.algos]

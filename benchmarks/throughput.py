@@ -566,7 +566,7 @@ def main(argv=None) -> dict[str, Any]:
     # steps of 16 samples, so both sides do the same work and the same number of optimizer steps.
     common.update(train_batch_size=16, num_inner_epochs=1, timestep_fraction=1.0)
     opt_cfg = preset_config(args.preset, "ddpo-is", **common).replace(
-        sample_batch_size=min(args.samples, preset_config(args.preset, "ddpo-is").sample_batch_size),
+        sample_batch_size=min(args.samples, preset.sample_batch_size),
         micro_batch_size=args.micro_batch or preset.micro_batch_size, attention=attention,
         channels_last=preset.channels_last if args.channels_last is None else args.channels_last,
         compile_network=preset.compile_network if args.compile is None else args.compile,
