@@ -43,12 +43,23 @@ def round_trip(images: torch.Tensor, model: str | None = None) -> torch.Tensor:
     return ((vae.decode(z).sample + 1) / 2).clamp(0, 1)
 
 
-def summary(images: torch.Tensor, prompts: list[str], counts: list[int]) -> dict:
+def summary(images: torch.Tensor, prompts: list[str], counts: list[int] | None = None) -> dict:
+    """All-correct rate, mean reward and each check's pass rate of ``images``, overall and by object count
+    (``counts``: each prompt's number of objects; None: read from the prompts)."""
     from rewards.tinyworld.geneval import TinyGenEval
 
+    if counts is None:
+        from rewards.tinyworld.world import parse_prompt
+
+        counts = [len(parse_prompt(p)["objects"]) for p in prompts]
     reward, info = TinyGenEval()(images, prompts)
     correct = info["all_correct"].numpy()
-    out = {"all_correct": float(correct.mean()), "reward": float(reward.mean()), "n": len(prompts), "by_count": {}}
+    out = {"all_correct": float(correct.mean()), "reward": float(reward.mean()), "n": len(prompts), "by_count": {},
+           "checks": {}}  # fmt: skip
+    for name in ("objects", "count", "size", "relation"):  # each check's pass rate over the prompts that have it
+        v = info[name].numpy()
+        v = v[~np.isnan(v)]
+        out["checks"][name] = float(v.mean()) if len(v) else None
     for k in sorted(set(counts)):
         ix = [i for i, c in enumerate(counts) if c == k]
         out["by_count"][str(k)] = {"n": len(ix), "all_correct": float(correct[ix].mean()),

@@ -1,0 +1,225 @@
+"""Tiny-GenEval, measured exactly: the all-correct rate of training runs against reward queries (issue 15).
+
+    python -m benchmarks.geneval_showcase RUN_DIR [RUN_DIR ...] [--samples 256] [--out benchmarks/results/geneval]
+
+For each run (a ``denoise-gym train`` folder on ``Denoise-Tiny-GenEval-v0`` or ``Denoise-TinyFlow-GenEval-v0``)
+and for each of its checkpoints, and for the base model once per task:
+
+- **all-correct** (the strict GenEval bit: every check of the prompt passes) and the mean reward (the share of
+  checks passed) of ``--samples`` samples on training scenes (``tiny_train_scenes``: the training object-count
+  mix) and on held-out scenes (``tiny_heldout_scenes``: colour×shape pairs never trained on), at fixed seeds,
+  the same for every policy; each check's pass rate and all-correct by object count
+  (:func:`benchmarks.geneval_ceiling.summary`, which also gives the ceiling these are compared with);
+- **within-prompt diversity** (:func:`agents.evaluate.evaluate_diversity`: 4 images of each of 16 prompts) of the
+  final checkpoint and of the base model (the issue's guard against reward hacking: ≥ 50% of the base's).
+
+Writes ``<out>/showcase.json`` (every figure), ``<out>/curve.png`` (all-correct against reward queries on training
+and held-out prompts: each run, and the mean over runs), and ``<out>/grid_before_after.png`` (the same prompts and
+seeds drawn by the base model and by the first run's final checkpoint, each prompt under its row).
+Evaluations are cached per checkpoint in ``<run>/geneval_eval/`` so that a rerun adds only what is new.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import diffusion_env  # noqa: F401  (registers the IDs)
+from agents.config import TrainConfig
+
+SPLITS = {"train": "tiny_train_scenes", "heldout": "tiny_heldout_scenes"}
+EVAL_SEED = 10_000  # the evaluation's prompts and noise (agents.evaluate's default; never a training seed)
+GRID_PROMPTS = 8  # rows of the before/after grid
+GRID_PER_PROMPT = 4
+GRID_SEED = 4321
+
+
+def load_config(run: Path) -> TrainConfig:
+    path = run / "config.json"
+    if not path.exists():
+        raise SystemExit(f"{run}: no config.json; expected the folder of a `denoise-gym train` run")
+    cfg = TrainConfig.from_dict(json.loads(path.read_text())).replace(run_dir=str(run), progress=False)
+    if "GenEval" not in cfg.env_id:
+        raise SystemExit(f"{run}: env_id={cfg.env_id!r}; expected a Tiny-GenEval task (Denoise-Tiny*-GenEval-v*)")
+    return cfg
+
+
+def checkpoints(run: Path) -> list[str]:
+    """The run's complete checkpoints, oldest first (a folder with its weights file)."""
+    folder = run / "checkpoints"
+    names = sorted(p.name for p in folder.glob("ckpt-*") if p.is_dir() and any(p.glob("*.safetensors")))
+    if not names:
+        raise SystemExit(f"{run}: no checkpoint in {folder}; expected a run trained with checkpoints")
+    return names
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, policy, samples: int, seed: int = EVAL_SEED) -> dict[str, Any]:
+    from agents.evaluate import evaluate_policy
+    from benchmarks.geneval_ceiling import summary
+
+    out = {}
+    for split, prompts in SPLITS.items():
+        r = evaluate_policy(cfg, policy, prompts, num_samples=samples, seed=seed)
+        out[split] = summary(r["images"], r["prompts"])
+    return out
+
+
+def _trainer(cfg: TrainConfig, checkpoint: str | None):
+    from agents.trainer import Trainer
+
+    if checkpoint is None:  # the base model: a run that has trained nothing, in a scratch folder
+        import tempfile
+
+        return Trainer(cfg.replace(run_dir=tempfile.mkdtemp(prefix="geneval-base-")))
+    return Trainer(cfg, resume=True, checkpoint=checkpoint)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache: Path, diversity: bool) -> dict:
+    """One checkpoint's (None: the base model's) figures, read from ``cache`` when it holds them."""
+    from agents.evaluate import evaluate_diversity
+
+    if cache.exists():
+        data = json.loads(cache.read_text())
+        if data.get("samples") == samples and (not diversity or data.get("diversity") is not None):
+            return data
+    t0 = time.perf_counter()
+    trainer = _trainer(cfg, checkpoint)
+    data = {"checkpoint": checkpoint, "epoch": trainer.epoch, "samples": samples,
+            "reward_queries": trainer.epoch * cfg.samples_per_epoch,
+            **evaluate(cfg, trainer.policy, samples)}  # fmt: skip
+    data["diversity"] = evaluate_diversity(cfg, trainer.policy) if diversity else None
+    data["eval_s"] = time.perf_counter() - t0
+    _write_json(cache, data)
+    return data
+
+
+def run_curve(run: Path, samples: int) -> dict[str, Any]:
+    cfg = load_config(run)
+    names = checkpoints(run)
+    points = [evaluate_point(cfg, n, samples, run / "geneval_eval" / f"{n}.json", diversity=n == names[-1])
+              for n in names]  # fmt: skip
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+    train_s = sum(r.get("perf/sample_s", 0) + r.get("perf/train_s", 0) for r in rows)
+    return {"run": str(run), "env_id": cfg.env_id, "algo": cfg.algo, "seed": cfg.seed, "points": points,
+            "epoch_s_sum": train_s}  # fmt: skip
+
+
+def plot_curves(runs: list[dict], base: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colours = {"train": "tab:blue", "heldout": "tab:orange"}
+    labels = {"train": "training prompts", "heldout": "held-out colour×shape pairs"}
+    for split in SPLITS:
+        for r in runs:
+            q = [0] + [p["reward_queries"] for p in r["points"]]
+            y = [base[split]["all_correct"]] + [p[split]["all_correct"] for p in r["points"]]
+            ax.plot(q, y, color=colours[split], alpha=0.3, lw=1)
+        grid = sorted({p["reward_queries"] for r in runs for p in r["points"]})
+        common = [g for g in grid if all(any(p["reward_queries"] == g for p in r["points"]) for r in runs)]
+        mean = [np.mean([next(p[split]["all_correct"] for p in r["points"] if p["reward_queries"] == g) for r in runs])
+                for g in common]  # fmt: skip
+        ax.plot([0] + common, [base[split]["all_correct"]] + mean, color=colours[split], lw=2.2,
+                label=f"{labels[split]} (mean of {len(runs)})")  # fmt: skip
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel(f"all-correct rate ({base['train']['n']} fixed-seed samples)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(f"{runs[0]['env_id']} · {runs[0]['algo']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def before_after_grid(run: Path, path: Path) -> dict[str, Any]:
+    """The same prompts and seeds from the base model (left half) and the run's final checkpoint (right half)."""
+    from agents.plots import save_labelled_grid
+    from rewards.tinyworld.geneval import TinyGenEval
+
+    cfg = load_config(run)
+    rng = np.random.default_rng(GRID_SEED)
+    base = _trainer(cfg, None)
+    prompts = [base.env.prompt_sampler(rng) for _ in range(GRID_PROMPTS)]
+    batch = [p for p in prompts for _ in range(GRID_PER_PROMPT)]
+    before = base.sample_images(batch, seed=GRID_SEED)
+    after = _trainer(cfg, checkpoints(run)[-1]).sample_images(batch, seed=GRID_SEED)
+    tiles, labels = [], []
+    _, info_b = TinyGenEval()(before, batch)
+    _, info_a = TinyGenEval()(after, batch)
+    for i, prompt in enumerate(prompts):
+        sl = slice(i * GRID_PER_PROMPT, (i + 1) * GRID_PER_PROMPT)
+        tiles += [before[sl], after[sl]]
+        nb, na = int(info_b["all_correct"][sl].sum()), int(info_a["all_correct"][sl].sum())
+        labels += [f"{prompt}   (before {nb}/{GRID_PER_PROMPT} | after {na}/{GRID_PER_PROMPT} all-correct)"] * (
+            2 * GRID_PER_PROMPT)
+    save_labelled_grid(path, torch.cat(tiles), labels, nrow=2 * GRID_PER_PROMPT, seed=GRID_SEED,
+                       title=f"left 4: base model · right 4: {cfg.algo} at {checkpoints(run)[-1]} ({run.name})")  # fmt: skip
+    return {"prompts": prompts, "before_all_correct": info_b["all_correct"].tolist(),
+            "after_all_correct": info_a["all_correct"].tolist()}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="run folders of one task (their checkpoints are evaluated)")
+    p.add_argument("--samples", type=int, default=256, help="evaluation samples per split and checkpoint (256)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/geneval"), help="output folder")
+    p.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        p.error(f"--samples={args.samples}: expected a positive integer")
+    from agents.runtime import set_threads
+
+    set_threads(0)
+    cfgs = [load_config(r) for r in args.runs]
+    if len({c.env_id for c in cfgs}) != 1:
+        p.error(f"runs of several tasks {sorted({c.env_id for c in cfgs})}; expected runs of one task")
+    base = evaluate_point(cfgs[0], None, args.samples, args.out / f"base_{cfgs[0].env_id}.json", diversity=True)
+    runs = [run_curve(r, args.samples) for r in args.runs]
+    result: dict[str, Any] = {"env_id": cfgs[0].env_id, "samples": args.samples, "eval_seed": EVAL_SEED,
+                              "base": base, "runs": runs}  # fmt: skip
+    finals = [r["points"][-1] for r in runs]
+    result["summary"] = {
+        split: {"base": base[split]["all_correct"], "final": [f[split]["all_correct"] for f in finals],
+                "final_mean": float(np.mean([f[split]["all_correct"] for f in finals]))}
+        for split in SPLITS
+    }  # fmt: skip
+    result["summary"]["diversity"] = {"base": base["diversity"], "final": [f["diversity"] for f in finals]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_curves(runs, base, args.out / "curve.png")
+    if not args.no_grid:
+        result["grid"] = before_after_grid(args.runs[0], args.out / "grid_before_after.png")
+    _write_json(args.out / "showcase.json", result)
+    for split in SPLITS:
+        s = result["summary"][split]
+        print(f"{split:8s} all-correct base {s['base']:.1%} → " + ", ".join(f"{v:.1%}" for v in s["final"])
+              + f" (mean {s['final_mean']:.1%})")  # fmt: skip
+    d = result["summary"]["diversity"]
+    print(f"diversity base {d['base']:.4f} → " + ", ".join(f"{v:.4f}" for v in d["final"]))
+    print(f"wrote {args.out}/showcase.json, curve.png" + ("" if args.no_grid else ", grid_before_after.png"))
+    return result
+
+
+if __name__ == "__main__":
+    main()
