@@ -226,6 +226,11 @@ class _SharedFields:
         "Compute each batch's rewards in a worker thread while the next batch is sampled.",
     )
     save_every: int = _doc(1, "Save a checkpoint every this many epochs (and at the end).")
+    keep_checkpoints: int = _doc(
+        2,
+        "Checkpoints kept in run_dir/checkpoints, the newest ones (0: keep every one, e.g. to evaluate a run "
+        "along its course; at least 2 otherwise, so that a crash while saving leaves a complete one).",
+    )
     grid_every: int = _doc(
         0,
         "Write evaluation sample grids every this many epochs (0: only before and after).",
@@ -327,6 +332,8 @@ class TrainConfig(_SharedFields):
             errors.append(f"reward_query_budget={self.reward_query_budget}: expected >= 0 (0 = no budget)")
         if self.lr_warmup_steps < 0:
             errors.append(f"lr_warmup_steps={self.lr_warmup_steps}: expected >= 0 (0 = no warm-up)")
+        if self.keep_checkpoints == 1 or self.keep_checkpoints < 0:
+            errors.append(f"keep_checkpoints={self.keep_checkpoints}: expected 0 (keep all) or >= 2")
         if self.samples_per_epoch % max(1, self.sample_batch_size):
             errors.append(
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="

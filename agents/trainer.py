@@ -66,7 +66,6 @@ from agents.runtime import retain_freed_memory, set_threads
 from rewards.base import check_options
 from rewards.secrets import redact
 
-CHECKPOINT_KEEP = 2
 GRID_SEED = 1234  # seed of the evaluation grids (the same before, during and after training)
 
 
@@ -477,7 +476,9 @@ class Trainer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(self.ckpt_dir / "latest", name)
-        for old in sorted(p for p in self.ckpt_dir.glob("ckpt-*") if p.name != name)[:-(CHECKPOINT_KEEP - 1) or None]:
+        keep = self.cfg.keep_checkpoints  # 0: keep every one
+        older = sorted(p for p in self.ckpt_dir.glob("ckpt-*") if p.name != name)
+        for old in older[: -(keep - 1)] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

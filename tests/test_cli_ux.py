@@ -465,3 +465,19 @@ def test_a_preset_with_an_explicit_algorithm_builds_its_config():
     cfg = new_train_config({"algo": "rwr", "env_id": "Denoise-Tiny-PromptAlignment-v0", "num_epochs": 3}, "tiny")
     assert (cfg.algo, cfg.num_epochs, cfg.samples_per_prompt) == ("rwr", 3, 8)  # the tiny RWR preset's groups
     assert new_train_config({"algo": "ddpo-sf"}).algo == "ddpo-sf"
+
+
+@pytest.mark.parametrize("keep, expected", [(2, ["ckpt-0002", "ckpt-0003"]), (3, ["ckpt-0001", "ckpt-0002", "ckpt-0003"]),
+                                            (0, ["ckpt-0001", "ckpt-0002", "ckpt-0003"])])  # fmt: skip
+def test_keep_checkpoints_keeps_the_newest_or_every_one(tiny_sd, tmp_path, keep, expected):
+    from agents.trainer import Trainer
+
+    run = tmp_path / "run"
+    Trainer(_cfg(tiny_sd, run, num_epochs=3, keep_checkpoints=keep)).train()
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == expected
+    assert (run / "checkpoints" / "latest").read_text() == "ckpt-0003"
+
+
+def test_keep_checkpoints_of_one_is_refused(tiny_sd, tmp_path):
+    with pytest.raises(ValueError, match=r"keep_checkpoints=1: expected 0 \(keep all\) or >= 2"):
+        _cfg(tiny_sd, tmp_path / "run", keep_checkpoints=1).validate()
