@@ -417,10 +417,8 @@ class Trainer:
         """The policy's samples for ``prompts`` at fixed seeds, through an env sharing the run's model family
         (nothing reloaded, no prompt encoded twice) and scoring nothing."""
         if self._grid_env is None or self._grid_env.num_envs != len(prompts):
-            self._grid_env = make_env(self.cfg, num_envs=len(prompts), model=self.env.family, reward="none",
-                                      reward_kwargs=None, async_reward=False)  # fmt: skip
-        gen = torch.Generator(device=self.policy.device).manual_seed(seed)
-        return collect_rollout(self._grid_env, self.policy, seed, gen, prompts=prompts).images
+            self._grid_env = grid_env(self.cfg, len(prompts), self.env.family)
+        return sample_images(self._grid_env, self.policy, prompts, seed)
 
     def write_grid(self, path: Path) -> None:
         if not self.dist.is_main:
@@ -568,6 +566,45 @@ def intact_checkpoint_hint(ckpt_dir: Path, *, exclude: str, run_dir: Path) -> st
             return (f". The previous checkpoint {folder.name} (epoch {epoch}) is intact: resume from it with "
                     f"`denoise-gym train --resume {shlex.quote(str(run_dir))} --from-checkpoint {folder.name}`")
     return ". No other intact checkpoint is left in " + str(ckpt_dir)
+
+
+def grid_env(cfg: TrainConfig, num_envs: int, family: Any):
+    """An env of the run's settings over ``family`` (nothing reloaded) that scores nothing: for sample grids."""
+    return make_env(cfg, num_envs=num_envs, model=family, reward="none", reward_kwargs=None, async_reward=False)
+
+
+@torch.no_grad()
+def sample_images(env: Any, policy: GaussianDenoisingPolicy, prompts: list[str], seed: int) -> torch.Tensor:
+    """``policy``'s samples of ``prompts`` (one per env slot) at fixed seeds: what the run's grids show."""
+    gen = torch.Generator(device=policy.device).manual_seed(seed)
+    return collect_rollout(env, policy, seed, gen, prompts=prompts).images
+
+
+def load_policy(cfg: TrainConfig, checkpoint: str | os.PathLike | None = None) -> tuple[GaussianDenoisingPolicy, dict]:
+    """The policy of ``cfg`` in eval mode, with the weights of the checkpoint folder ``checkpoint`` (None: the
+    pretrained model's), and the checkpoint's ``state.json`` ({} for None).
+
+    Read-only: no run-directory lock, nothing in the run written, so it may read a run still training, and
+    an earlier checkpoint leaves the run's later metrics alone (resuming from it, with :class:`Trainer`,
+    drops them). The policy is built as a run of ``cfg`` builds it (LoRA from the run's seed: a LoRA
+    checkpoint then holds every trainable weight)."""
+    env = make_env(cfg, num_envs=1, reward="none", reward_kwargs=None, async_reward=False)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        torch.manual_seed(derive_seed(cfg.seed))
+        policy = GaussianDenoisingPolicy.from_env(env, **cfg.policy_kwargs())
+    env.close()
+    state: dict = {}
+    if checkpoint is not None:
+        folder = Path(checkpoint)
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            weights = load_file(str(folder / "weights.safetensors"))
+        except Exception as exc:  # missing, truncated or foreign files
+            raise ValueError(f"checkpoint {folder} is unreadable ({type(exc).__name__}: {exc}); expected "
+                             "weights.safetensors and state.json") from exc  # fmt: skip
+        load_trainable_weights(policy.network, weights)
+    policy.eval()
+    return policy, state
 
 
 def load_trainable_weights(network: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

@@ -73,14 +73,11 @@ def evaluate(cfg: TrainConfig, policy, samples: int, seed: int = EVAL_SEED) -> d
     return out
 
 
-def _trainer(cfg: TrainConfig, checkpoint: str | None):
-    from agents.trainer import Trainer
+def _policy(cfg: TrainConfig, checkpoint: str | None):
+    """The policy at ``checkpoint`` of the run (None: the base model), read without touching the run."""
+    from agents.trainer import load_policy
 
-    if checkpoint is None:  # the base model: a run that has trained nothing, in a scratch folder
-        import tempfile
-
-        return Trainer(cfg.replace(run_dir=tempfile.mkdtemp(prefix="geneval-base-")))
-    return Trainer(cfg, resume=True, checkpoint=checkpoint)
+    return load_policy(cfg, None if checkpoint is None else Path(cfg.run_dir) / "checkpoints" / checkpoint)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -99,11 +96,10 @@ def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache
         if data.get("samples") == samples and (not diversity or data.get("diversity") is not None):
             return data
     t0 = time.perf_counter()
-    trainer = _trainer(cfg, checkpoint)
-    data = {"checkpoint": checkpoint, "epoch": trainer.epoch, "samples": samples,
-            "reward_queries": trainer.epoch * cfg.samples_per_epoch,
-            **evaluate(cfg, trainer.policy, samples)}  # fmt: skip
-    data["diversity"] = evaluate_diversity(cfg, trainer.policy) if diversity else None
+    policy, state = _policy(cfg, checkpoint)
+    data = {"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples,
+            "reward_queries": state.get("reward_queries", 0), **evaluate(cfg, policy, samples)}  # fmt: skip
+    data["diversity"] = evaluate_diversity(cfg, policy) if diversity else None
     data["eval_s"] = time.perf_counter() - t0
     _write_json(cache, data)
     return data
@@ -141,6 +137,12 @@ def plot_curves(runs: list[dict], base: dict, path: Path) -> None:
                 for g in common]  # fmt: skip
         ax.plot([0] + common, [base[split]["all_correct"]] + mean, color=colours[split], lw=2.2,
                 label=f"{labels[split]} (mean of {len(runs)})")  # fmt: skip
+    ceiling = Path(__file__).parent / "results" / "geneval_ceiling.json"  # through the VAE both tiny models share
+    if ceiling.exists():
+        c = json.loads(ceiling.read_text())
+        for split in SPLITS:
+            ax.axhline(c[split]["vae_round_trip"]["all_correct"], color=colours[split], ls=":", lw=1,
+                       label=f"ceiling: true renders through the VAE ({split})")  # fmt: skip
     ax.set_xlabel("reward queries")
     ax.set_ylabel(f"all-correct rate ({base['train']['n']} fixed-seed samples)")
     ax.set_ylim(0, 1)
@@ -156,15 +158,22 @@ def plot_curves(runs: list[dict], base: dict, path: Path) -> None:
 def before_after_grid(run: Path, path: Path) -> dict[str, Any]:
     """The same prompts and seeds from the base model (left half) and the run's final checkpoint (right half)."""
     from agents.plots import save_labelled_grid
+    from agents.trainer import grid_env, make_env, sample_images
     from rewards.tinyworld.geneval import TinyGenEval
 
     cfg = load_config(run)
     rng = np.random.default_rng(GRID_SEED)
-    base = _trainer(cfg, None)
-    prompts = [base.env.prompt_sampler(rng) for _ in range(GRID_PROMPTS)]
+    env = make_env(cfg, num_envs=1)
+    prompts = [env.prompt_sampler(rng) for _ in range(GRID_PROMPTS)]
+    env.close()
     batch = [p for p in prompts for _ in range(GRID_PER_PROMPT)]
-    before = base.sample_images(batch, seed=GRID_SEED)
-    after = _trainer(cfg, checkpoints(run)[-1]).sample_images(batch, seed=GRID_SEED)
+    images = []
+    for checkpoint in (None, checkpoints(run)[-1]):
+        policy = _policy(cfg, checkpoint)[0]
+        env = grid_env(cfg, len(batch), policy.family)
+        images.append(sample_images(env, policy, batch, GRID_SEED))
+        env.close()
+    before, after = images
     tiles, labels = [], []
     _, info_b = TinyGenEval()(before, batch)
     _, info_a = TinyGenEval()(after, batch)

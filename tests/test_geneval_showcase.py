@@ -27,7 +27,9 @@ def still_run(tmp_path_factory):
 def test_checkpoints_are_scored_at_the_base_models_prompts_and_seeds(still_run, tmp_path):
     from benchmarks.geneval_showcase import main
 
+    metrics = (still_run / "metrics.jsonl").read_text()
     out = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out")])
+    assert (still_run / "metrics.jsonl").read_text() == metrics  # read-only: an early checkpoint keeps later epochs
     base, points = out["base"], out["runs"][0]["points"]
     assert [p["reward_queries"] for p in points] == [4, 8]  # epochs × samples per epoch
     for split in ("train", "heldout"):
