@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from agents.core import LR_DECAYS
 from agents.fields import doc_field as _doc
 from agents.fields import field_names, type_errors
 from agents.fields import largest_divisor as _largest_divisor  # noqa: F401  (kept for importers)
@@ -150,6 +151,13 @@ class _SharedFields:
         "Optimizer steps over which the learning rate rises linearly to learning_rate (step k of N uses k/N of "
         "it; 0: none). AdamW's first step moves every trainable parameter by about the learning rate, whatever "
         "its gradient's size.",
+    )
+    lr_decay: str = _doc(
+        "constant",
+        "Learning-rate decay over the run's planned epochs (num_epochs, or fewer where reward_query_budget "
+        "binds): \"constant\"; \"linear\" (epoch e of E trains at (1 - e/E) of learning_rate); \"cosine\" "
+        "(at (1 + cos(π e/E)) / 2 of it). A function of the epoch, so a resumed run continues it.",
+        choices=LR_DECAYS,
     )
     adam_beta1: float = _doc(0.9, "AdamW β1.")
     adam_beta2: float = _doc(0.999, "AdamW β2.")
@@ -332,6 +340,8 @@ class TrainConfig(_SharedFields):
             errors.append(f"reward_query_budget={self.reward_query_budget}: expected >= 0 (0 = no budget)")
         if self.lr_warmup_steps < 0:
             errors.append(f"lr_warmup_steps={self.lr_warmup_steps}: expected >= 0 (0 = no warm-up)")
+        if self.lr_decay not in LR_DECAYS:
+            errors.append(f"lr_decay={self.lr_decay!r}: expected one of {list(LR_DECAYS)}")
         if self.keep_checkpoints == 1 or self.keep_checkpoints < 0:
             errors.append(f"keep_checkpoints={self.keep_checkpoints}: expected 0 (keep all) or >= 2")
         if self.samples_per_epoch % max(1, self.sample_batch_size):

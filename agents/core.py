@@ -6,6 +6,7 @@ the policy's own model; everything here is batched over the ``num_envs`` lockste
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -190,15 +191,36 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: Any) -> torch.optim.Op
     return optimizer
 
 
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_decay_factor(kind: str, epoch: int, epochs: int) -> float:
+    """The share of the learning rate that epoch ``epoch`` (0-based) of ``epochs`` trains at: 1 for "constant",
+    ``1 - e/E`` for "linear", ``(1 + cos(π e/E)) / 2`` for "cosine" (both 1 at the first epoch, > 0 at the last)."""
+    if kind not in LR_DECAYS:
+        raise ValueError(f"lr_decay={kind!r}; expected one of {list(LR_DECAYS)}")
+    p = min(max(epoch / max(epochs, 1), 0.0), 1.0)
+    return {"constant": 1.0, "linear": 1.0 - p, "cosine": 0.5 * (1.0 + math.cos(math.pi * p))}[kind]
+
+
+def set_lr_decay(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Train the next steps at ``factor`` × the base learning rate (with the warm-up's share on top)."""
+    for group in optimizer.param_groups:
+        group.setdefault("base_lr", group["lr"])  # optimizers restored from checkpoints written before the decay
+        group["lr_decay"] = factor
+        group["lr"] = group["base_lr"] * factor
+
+
 def warmup_lr(optimizer: torch.optim.Optimizer) -> None:
     """Set each param group's learning rate for the step about to be applied: ``base_lr · min(1, (k + 1) / N)``
-    after k applied steps, N = ``lr_warmup_steps``; groups without a warm-up are left alone. The count lives in
-    the group (``warmup_done``), so a checkpoint carries it and a resumed run continues the schedule."""
+    after k applied steps, N = ``lr_warmup_steps``, times the group's ``lr_decay`` (:func:`set_lr_decay`);
+    groups with neither are left alone. The count lives in the group (``warmup_done``), so a checkpoint carries
+    it and a resumed run continues the schedule."""
     for group in optimizer.param_groups:
         n = group.get("lr_warmup_steps", 0)
         if n:
             done = group.get("warmup_done", 0)
-            group["lr"] = group["base_lr"] * min(1.0, (done + 1) / n)
+            group["lr"] = group["base_lr"] * min(1.0, (done + 1) / n) * group.get("lr_decay", 1.0)
             group["warmup_done"] = done + 1
 
 

@@ -46,7 +46,9 @@ from agents.core import (
     Rollout,
     collect_rollout,
     concat_rollouts,
+    lr_decay_factor,
     make_optimizer,
+    set_lr_decay,
     with_train_window,
 )
 from agents.diagnostics import hacking_flag, trajectory_kl, within_prompt_diversity, world_fidelity
@@ -312,6 +314,8 @@ class Trainer:
 
     def train_epoch(self) -> dict[str, Any]:
         cfg, epoch = self.cfg, self.epoch
+        if cfg.lr_decay != "constant":  # the epoch's share of the learning rate, from the epoch alone
+            set_lr_decay(self.optimizer, lr_decay_factor(cfg.lr_decay, epoch, planned_epochs(cfg)[0]))
         t0 = time.perf_counter()
         rollout = self.dist.gather_rollout(lambda: self.collect(epoch))  # global prompts/rewards
         t_sample = time.perf_counter() - t0
@@ -338,6 +342,7 @@ class Trainer:
             metrics["charts/skipped_update"] = 1
             metrics["charts/nonfinite_rewards"] = int((~torch.isfinite(rewards)).sum())
         t_train = time.perf_counter() - t1
+        metrics["charts/learning_rate"] = float(self.optimizer.param_groups[0]["lr"])  # the epoch's last step's
         metrics["perf/sample_s"] = t_sample
         metrics["perf/train_s"] = t_train
         metrics["charts/samples_per_s"] = rollout.num_samples / max(t_sample + t_train, 1e-9)
