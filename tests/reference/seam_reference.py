@@ -75,7 +75,7 @@ def weights_digest(run_dir: Path) -> dict[str, str]:
 
 # Metrics logged since the reference was written (agents/diagnostics.py): measured, never fed back into training.
 LATER_METRICS = ("charts/samples_per_s", "charts/kl_ref", "charts/diversity", "charts/fidelity",
-                 "charts/reward_hacking")
+                 "charts/reward_hacking", "charts/learning_rate")
 
 
 def clean_metrics(history: list[dict]) -> list[dict]:
