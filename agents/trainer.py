@@ -573,9 +573,11 @@ def intact_checkpoint_hint(ckpt_dir: Path, *, exclude: str, run_dir: Path) -> st
     return ". No other intact checkpoint is left in " + str(ckpt_dir)
 
 
-def grid_env(cfg: TrainConfig, num_envs: int, family: Any):
-    """An env of the run's settings over ``family`` (nothing reloaded) that scores nothing: for sample grids."""
-    return make_env(cfg, num_envs=num_envs, model=family, reward="none", reward_kwargs=None, async_reward=False)
+def grid_env(cfg: TrainConfig, num_envs: int, family: Any = None):
+    """An env of the run's settings that scores nothing, for sample grids: over ``family`` (nothing reloaded),
+    or loading the run's model when None."""
+    model = {} if family is None else {"model": family}
+    return make_env(cfg, num_envs=num_envs, reward="none", reward_kwargs=None, async_reward=False, **model)
 
 
 @torch.no_grad()
@@ -593,7 +595,7 @@ def load_policy(cfg: TrainConfig, checkpoint: str | os.PathLike | None = None) -
     an earlier checkpoint leaves the run's later metrics alone (resuming from it, with :class:`Trainer`,
     drops them). The policy is built as a run of ``cfg`` builds it (LoRA from the run's seed: a LoRA
     checkpoint then holds every trainable weight)."""
-    env = make_env(cfg, num_envs=1, reward="none", reward_kwargs=None, async_reward=False)
+    env = grid_env(cfg, 1)
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         torch.manual_seed(derive_seed(cfg.seed))
         policy = GaussianDenoisingPolicy.from_env(env, **cfg.policy_kwargs())
