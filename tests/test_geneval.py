@@ -47,6 +47,19 @@ def test_partial_credit_is_the_share_of_checks_passed():
     assert math.isnan(info["relation"][1]) and math.isnan(info["size"][0])
 
 
+def test_all_correct_weight_leans_the_reward_toward_the_strict_bit():
+    above = Scene((RED_CIRCLE, BLUE_SQUARE), "above", BG)
+    images, prompts = _images(above, above), ["a red circle above a blue square", "a red circle below a blue square"]
+    share = torch.tensor([1.0, 3 / 4])  # all right; relation wrong
+    for w, expected in [(0.0, share), (1.0, torch.tensor([1.0, 0.0])), (0.5, torch.tensor([1.0, 3 / 8]))]:
+        reward, info = make_reward("tiny_geneval", all_correct_weight=w)(images, prompts)
+        torch.testing.assert_close(reward, expected)
+        assert info["all_correct"].tolist() == [1.0, 0.0]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="all_correct_weight"):
+            make_reward("tiny_geneval", all_correct_weight=bad)
+
+
 def test_prompts_outside_the_world_grammar_are_refused():
     with pytest.raises(ValueError):
         make_reward("tiny_geneval")(_images(Scene((RED_CIRCLE,), None, BG)), ["a cat riding a bike"])

@@ -13,7 +13,9 @@ size                the lone object has the prompt's size ("small"/"large")     
 relation / order    two objects are placed as the relation says; three are left to right    1 if 2+ objects
 ==================  =====================================================================  ==============
 
-reward = (checks passed) / (checks of the prompt), in [0, 1]. ``reward_info`` gives, per image,
+reward = (checks passed) / (checks of the prompt), in [0, 1]. With ``all_correct_weight`` w (default 0) the
+reward leans toward the strict bit: (1 − w)·share + w·all_correct, still in [0, 1] (w = 1: the strict GenEval
+bit alone; 0: the share). ``reward_info`` gives, per image,
 ``all_correct`` (the strict GenEval bit: every check passed), ``checks_passed``, ``checks_total``, and each
 check's result as a float tensor (1 pass, 0 fail, NaN where the prompt has no such check):
 ``objects`` (the share of objects right), ``count``, ``size``, ``relation``.
@@ -42,6 +44,13 @@ class TinyGenEval:
     name = "tiny_geneval"
     unit = "share of the prompt's checks passed"
 
+    def __init__(self, all_correct_weight: float = 0.0) -> None:
+        w = float(all_correct_weight)
+        if not 0.0 <= w <= 1.0:  # NaN fails too
+            raise ValueError(f"all_correct_weight={all_correct_weight!r}; expected a number in [0, 1] "
+                             "(0: the share of checks passed, 1: the strict all-correct bit)")  # fmt: skip
+        self.all_correct_weight = w
+
     def __call__(self, images, prompts: Sequence[str]) -> tuple[torch.Tensor, RewardInfo]:
         from rewards.tinyworld.captioner import score
 
@@ -67,7 +76,8 @@ class TinyGenEval:
             "size": torch.tensor([_flag(r["size"]) for r in results]),
             "relation": torch.tensor([_flag(r["relation"]) for r in results]),
         }
-        return passed_t / total_t, info
+        share, w = passed_t / total_t, self.all_correct_weight
+        return (share if w == 0 else (1 - w) * share + w * info["all_correct"]), info
 
     def __repr__(self) -> str:
-        return "TinyGenEval()"
+        return f"TinyGenEval(all_correct_weight={self.all_correct_weight})" if self.all_correct_weight else "TinyGenEval()"
