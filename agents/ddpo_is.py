@@ -61,7 +61,8 @@ TINY_PRESET = dict(TINY_COMMON, train_batch_size=32, num_inner_epochs=2, clip_ra
 # The tiny flow model (Denoise-TinyFlow-*) takes the same preset: every faster setting tried was either
 # within run-to-run noise or unstable. Seed-0 trials at 1,024 queries (python -m benchmarks.improvement --tasks
 # Denoise-TinyFlow-<task>-v0 --algos ddpo-is --seeds 0 --budget 1024 --set ... --tag ...), d on
-# Compressibility / Incompressibility (this preset on the leaderboard: 0.43 ± 0.01 on Compressibility, 3 seeds):
+# Compressibility / Incompressibility (this preset on the leaderboard, 3 seeds: 0.43 ± 0.01 on Compressibility,
+# 0.71 ± 0.07 on Incompressibility):
 #   clip 5e-3, epochs of 32 samples in steps of 16          0.55 / –
 #   clip 1e-2, lr 6e-4                                      0.71 / –
 #   clip 1e-2, lr 6e-4, 8 samples per prompt                0.84 / –
