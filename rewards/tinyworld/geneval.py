@@ -76,8 +76,8 @@ class TinyGenEval:
             "size": torch.tensor([_flag(r["size"]) for r in results]),
             "relation": torch.tensor([_flag(r["relation"]) for r in results]),
         }
-        share, w = passed_t / total_t, self.all_correct_weight
-        return (share if w == 0 else (1 - w) * share + w * info["all_correct"]), info
+        w = self.all_correct_weight  # w = 0 gives the share exactly (all_correct is 0 or 1)
+        return (1 - w) * (passed_t / total_t) + w * info["all_correct"], info
 
     def __repr__(self) -> str:
         return f"TinyGenEval(all_correct_weight={self.all_correct_weight})" if self.all_correct_weight else "TinyGenEval()"
