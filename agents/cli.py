@@ -83,8 +83,8 @@ def new_train_config(options: dict[str, Any], preset: str | None = None) -> Trai
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from agents.progress import INTERRUPTED, describe_stop, finished_reason
-    from agents.trainer import Trainer
+    from agents.distributed import run_forked
+    from agents.runtime import idle_cores, local_processes, preload_modules
 
     overrides = given_options(args, CONFIG_FIELDS + tuple(args.algo_fields))
     if args.from_checkpoint and not args.resume:
@@ -96,8 +96,30 @@ def cmd_train(args: argparse.Namespace) -> int:
                              f"{' / '.join('--env' if k == 'env_id' else '--algo' for k in fixed)} (start a new run "
                              "for another)")  # fmt: skip
         cfg = _load_run_config(args.resume).replace(**overrides)
+    else:
+        cfg = new_train_config(overrides, args.preset)
+    processes = local_processes(cfg.validate().processes, cfg.threads, cfg.samples_per_epoch // cfg.sample_batch_size,
+                                cfg.device)  # fmt: skip
+    if processes == 1:
+        return _train(args, cfg, overrides)
+    threads = cfg.threads or max(1, idle_cores() // processes)
+    preload_modules()  # imported once, before the fork: the processes share their pages
+    print(f"data-parallel on {processes} processes of this machine, {threads} torch thread(s) each "
+          f"(processes={cfg.processes}{': one per idle core' if not cfg.processes else ''}; --processes 1 for one)",
+          flush=True)  # fmt: skip
+    return run_forked(processes, threads, lambda: _guarded(lambda a: _train(a, cfg, overrides), args))
+
+
+def _train(args: argparse.Namespace, cfg: TrainConfig, overrides: dict[str, Any]) -> int:
+    """The run of ``cmd_train`` in this process (one of several when it was forked or launched)."""
+    from agents.progress import INTERRUPTED, describe_stop, finished_reason
+    from agents.trainer import Trainer
+
+    if args.resume:
         trainer = Trainer(cfg, resume=True, checkpoint=args.from_checkpoint)
         done = finished_reason(cfg, trainer.epoch, trainer.reward_queries)
+        if done is not None and not trainer.dist.is_main:
+            return 0
         if done is not None:
             print(f"{args.resume} is finished: "
                   f"{describe_stop(done, cfg, trainer.epoch, trainer.reward_queries).removeprefix('stopped: ')}. "
@@ -106,19 +128,23 @@ def cmd_train(args: argparse.Namespace) -> int:
             print_outputs(trainer.run_dir)
             return 0
     else:
-        cfg = new_train_config(overrides, args.preset)
         trainer = Trainer(cfg)
     args.locked_run_dir = str(trainer.run_dir)  # for the advice of a failure message
     hint = resume_command(trainer.run_dir, overrides if args.resume else None)
     try:
         history = trainer.train()
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, mid-epoch
+        if not trainer.dist.is_main:
+            return 130
         has_ckpt = (trainer.ckpt_dir / "latest").exists()
         print(f"\nstopped at once (second Ctrl-C) during epoch {trainer.epoch + 1}; "
               + (f"the last complete checkpoint is intact. Resume with:\n  {hint}" if has_ckpt
                  else "no checkpoint was saved yet: start it again with the same command"), file=sys.stderr)  # fmt: skip
         return 130
     last = history[-1] if history else {}
+    from agents.distributed import shutdown
+
+    shutdown()  # every process of the run (a final barrier), so that none leaves while another still writes
     if not trainer.dist.is_main:
         return 130 if trainer.stop_reason == INTERRUPTED else 0
     # one summary line (under torchrun / accelerate launch: from the main process only)
@@ -126,9 +152,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                       "reward_mean": last.get("charts/reward_mean"), "stopped_by": trainer.stop_reason}))  # fmt: skip
     print(describe_stop(trainer.stop_reason, trainer.cfg, trainer.epoch, trainer.reward_queries, trainer.last_epoch_s))
     print_outputs(trainer.run_dir)
-    from agents.distributed import shutdown
-
-    shutdown()
     if trainer.stop_reason == INTERRUPTED:
         if (trainer.ckpt_dir / "latest").exists():
             print(f"checkpoint of epoch {trainer.epoch} saved. Resume with:\n  {hint}")
@@ -331,18 +354,25 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     formatwarning, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    args.debug = debug
     try:
-        return args.func(args)
+        return _guarded(args.func, args)
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _guarded(func, args: argparse.Namespace) -> int:
+    """``func(args)``, with an expected failure said in one line (its traceback too under ``--debug``)."""
+    try:
+        return func(args)
     except (Exception, KeyboardInterrupt) as exc:
         failure = errors.classify(exc, run_dir=_run_dir_of(args))
         if failure is None:  # not an expected failure: a bug, show everything
             raise
-        if debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: {failure.message}", file=sys.stderr)
         return failure.code
-    finally:
-        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

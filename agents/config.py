@@ -200,6 +200,13 @@ class _SharedFields:
         "Speed: torch intra-op threads of a CPU run, set when the trainer starts (0: the cores that other "
         "processes do not keep busy, measured over 0.1 s; see agents/runtime.py). Process-wide.",
     )
+    processes: int = _doc(
+        0,
+        "Speed: data-parallel processes of a CPU run started without a launcher, forked on this machine, "
+        "one thread each (0: one per idle core where the epoch's sampling batches divide among them and "
+        "threads is 0, else 1; must divide samples_per_epoch / sample_batch_size). Same samples, same "
+        "update up to summation order (docs/scale-out.md).",
+    )
     channels_last: bool = _doc(
         False,
         "Speed: network weights and inputs in channels-last memory format (oneDNN / tensor-core "
@@ -349,6 +356,15 @@ class TrainConfig(_SharedFields):
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="
                 f"{self.sample_batch_size}: make samples_per_epoch a multiple of it"
             )
+        if self.processes > 1 and not self.device.startswith("cpu"):
+            errors.append(f"processes={self.processes} with device={self.device!r}: processes are forked for CPU "
+                          "runs; on GPUs start one process per GPU with torchrun or accelerate launch")
+        elif self.processes > 1 and (self.samples_per_epoch // max(1, self.sample_batch_size)) % self.processes:
+            errors.append(
+                f"processes={self.processes}: expected a divisor of the epoch's "
+                f"{self.samples_per_epoch // max(1, self.sample_batch_size)} sampling batch(es) (samples_per_epoch / "
+                f"sample_batch_size), as each process samples whole batches; a smaller sample_batch_size gives more"
+            )
         if self.samples_per_prompt < 1 or self.sample_batch_size % self.samples_per_prompt:
             errors.append(
                 f"samples_per_prompt={self.samples_per_prompt}: expected a positive divisor of "
@@ -373,7 +389,8 @@ class TrainConfig(_SharedFields):
         for name in ("adam_weight_decay", "adam_epsilon", "time_limit_s"):
             if not 0 <= getattr(self, name) < math.inf:
                 errors.append(f"{name}={getattr(self, name)}: expected a finite number >= 0")
-        for name in ("seed", "per_prompt_buffer_size", "grid_every", "diagnostic_samples", "threads"):
+        for name in ("seed", "per_prompt_buffer_size", "grid_every", "diagnostic_samples", "threads",
+                     "processes"):
             if getattr(self, name) < 0:
                 errors.append(f"{name}={getattr(self, name)}: expected an integer >= 0")
         for name in ("per_prompt_min_count", "num_eval_prompts"):
@@ -472,7 +489,12 @@ SD35_COMMON = dict(lora_rank=32, learning_rate=3e-4, adam_weight_decay=1e-4, sam
 # on the 2-core AMD EPYC, DDPO-IS's tiny preset at 192 queries and one thread (denoise-gym train under
 # /usr/bin/time -v) peaked at 2,410 / 1,520 / 925 / 739 MB RSS with micro-batches of 320 / 160 / 64 / 32 pairs
 # against 639 MB in the reference style (batches of 16), while its epochs took 17.3-18.0 s at every size.
-TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=64, samples_per_epoch=64, micro_batch_size=32,
+# Since 2026-12-07 (TrainConfig.processes) a CPU run forks one process per idle core, one thread each; so that
+# two processes can share an epoch it is sampled in two batches of 32, and each process trains 16 pairs per
+# call: one thread's training call took 4.4 / 3.5 / 3.3 ms per row at 16 / 32 / 64 rows (pairs × 2 for
+# classifier-free guidance), and 2 forked processes peaked at 813 MB PSS together with 16 pairs against
+# 975 MB with 32 (benchmarks/end_to_end.py has the whole run's figures).
+TINY_COMMON = dict(learning_rate=3e-4, sample_batch_size=32, samples_per_epoch=64, micro_batch_size=16,
                    per_prompt_buffer_size=32, per_prompt_min_count=8)  # fmt: skip
 
 

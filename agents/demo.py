@@ -27,7 +27,9 @@ ENV_ID = "Denoise-Tiny-Incompressibility-v0"
 # Incompressibility in the ~16 epochs that fit (leaderboard, 1,024 queries); with 10 denoising steps instead
 # of 20 (epochs of 7-8 s, 31-34 of them fit): Incompressibility 1.38, and with learning rate 6e-4 and clip
 # range 2e-3 as well 3.72 (Compressibility 1.13). The images gain the texture a larger JPEG needs (the grids).
-DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3)
+# It runs in one process with the sizes of those trials (one sampling batch of 64, training calls of 32 pairs):
+# the forked data-parallel processes of `denoise-gym train` (TrainConfig.processes) are not measured here yet.
+DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3, sample_batch_size=64, micro_batch_size=32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ Process-group collectives time out after ``DENOISE_DIST_TIMEOUT_S`` seconds (def
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -302,3 +303,99 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     _CONTEXT.all_reduce_grads(params)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Linux: this (forked) process gets SIGTERM when its parent dies, so no worker outlives a killed launch."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_forked(processes: int, threads: int, fn: Callable[[], int], grace_s: float = 10.0) -> int:
+    """Run ``fn`` data-parallel in ``processes`` forked copies of this process, ``threads`` torch threads each;
+    returns rank 0's exit code (or the first failing process's, if rank 0 succeeded).
+
+    Forked, not spawned: the children share the parent's imported modules page for page (copy-on-write), so
+    the run's memory grows by each process's working set, not by a second Python and torch. Each child sets
+    the variables a launcher sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``), so :func:`init` joins a gloo group as under torchrun, and leaves with
+    ``os._exit``. The parent only waits. Ctrl-C reaches every child from the terminal (the trainer stops them
+    together at the epoch's end), so the parent ignores it; a child that fails gets its siblings terminated
+    (SIGTERM, then SIGKILL after ``grace_s``), since they would otherwise wait for it in a collective.
+    The parent must not have run a parallel torch operator before (OpenMP's threads do not survive a fork).
+    """
+    import gc
+    import signal
+    import sys
+    import traceback
+
+    gc.freeze()  # the parent's objects stay out of the children's collections: fewer shared pages copied
+    port, pids = _free_port(), []
+    for rank in range(processes):
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the parent's stack
+            code = 1
+            try:
+                _die_with_parent()
+                os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes),
+                                  LOCAL_WORLD_SIZE=str(processes), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+                torch.set_num_threads(threads)
+                code = fn()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        pids.append(pid)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    codes: dict[int, int] = {}
+    failure = None  # the exit code of the first process that failed (a signal's death counts as 1)
+    try:
+        while len(codes) < processes:
+            pid, status = os.wait()
+            if pid not in pids:
+                continue
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] not in (0, 130) and failure is None:
+                failure = codes[pid] if codes[pid] > 0 else 1
+                _stop(set(pids) - set(codes), grace_s, codes)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return failure if failure is not None else codes[pids[0]]
+
+
+def _stop(pids: set[int], grace_s: float, codes: dict[int, int]) -> None:
+    """SIGTERM ``pids``, SIGKILL those still alive after ``grace_s``; their exit codes go into ``codes``."""
+    import signal
+    import time
+
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pids:
+        for pid in list(pids):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+                pids.discard(pid)
+        if pids and time.monotonic() > deadline:
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            deadline = math.inf
+        time.sleep(0.05)

@@ -31,6 +31,7 @@ from agents.config import TrainConfig, preset_config
 from agents.evaluate import evaluate_policy
 from agents.runtime import set_threads
 from agents.trainer import Trainer
+from benchmarks.leaderboard import SAMPLE_BATCH_SIZE
 from benchmarks.rundirs import set_aside_if_stale
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "improvement"
@@ -99,7 +100,7 @@ def run(task: str, algo: str, seed: int, args) -> dict:
     folder = args.runs / task / name / f"seed{seed}"
     cfg = preset_config("tiny", algo, **{**dict(env_id=task, reward_query_budget=args.budget, num_epochs=10**6,
                                                 run_dir=str(folder), seed=seed, progress=args.progress,
-                                                threads=args.threads),
+                                                threads=args.threads, sample_batch_size=SAMPLE_BATCH_SIZE),
                                          **args.overrides}).validate()  # fmt: skip
     set_aside_if_stale(folder, cfg)
     done = folder / "result.json"

@@ -18,7 +18,7 @@ from agents.trainer import config_json
 
 # Fields that do not change what a run computes; a difference in them does not make a run stale.
 # threads: a machine's setting (the same seeds give the same run up to float rounding, as on another CPU).
-NOT_RESULT_FIELDS = ("progress", "run_dir", "diagnostic_samples", "threads", "keep_checkpoints")  # diagnostics: metrics only
+NOT_RESULT_FIELDS = ("progress", "run_dir", "diagnostic_samples", "threads", "processes", "keep_checkpoints")  # diagnostics: metrics only
 
 
 def comparable(cfg_json: str) -> dict[str, Any]:

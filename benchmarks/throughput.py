@@ -77,10 +77,11 @@ TARGETS = {"speedup_min": 1.5, "ratio_to_unet_max": 1.10}
 # TrainConfig is set here (tests/test_end_to_end_bench.py checks it).
 REFERENCE_STYLE: dict[str, Any] = dict(
     sample_batch_size=16, train_batch_size=16, micro_batch_size=16, channels_last=False, autocast_dtype=None,
-    compile_network=False, recompute_old_log_probs=False, attention="sdpa", threads=0,
+    compile_network=False, recompute_old_log_probs=False, attention="sdpa", threads=0, processes=1,
 )  # fmt: skip
 # threads=0: the reference takes the same automatic thread count as the fast side (the idle cores; the whole
 # machine when nothing else runs, as torch's own default), so that the comparison is of implementations.
+# processes=1: one process, as TRL's DDPOTrainer and ddpo-pytorch run without a launcher.
 # --bf16 auto: bf16 only where the hardware multiplies in bf16 this many times faster than in fp32. With
 # less (AVX512-BF16 without AMX: 2.3x on an AMD EPYC) bf16 autocast was slower than fp32 for the tiny UNet
 # (measured with the fused SDPA attention, whose bf16 CPU backward is slow in itself); with AMX (6-7x on a

@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import agents.runtime  # noqa: E402
+
+agents.runtime.AUTO_PROCESSES = False  # runs stay in the test's process; tests of forked runs turn it on
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 from diffusion_env.testing import build_tiny_sd, build_tiny_sd3, write_tiny_tokenizer  # noqa: E402,F401  (re-exported)

@@ -80,6 +80,8 @@ def test_both_styles_run_cold_in_their_own_processes(micro_model, tmp_path):
         assert r["steady_epoch_s"] == r["epoch_s"][1] > 0
         assert r["peak_rss_mb"] > 50  # a process that imported torch and trained: far above 50 MB
         assert r["peak_rss_waited_mb"] >= r["peak_rss_mb"]  # wait4's figure covers the child itself
+        assert 50 < r["peak_tree_pss_mb"] <= r["peak_tree_rss_mb"] + 1  # PSS counts shared pages once
+        assert r["max_processes"] == 1  # --threads 1: one process
         assert r["torch_threads"] == 1
         assert r["ratio_dev_first"] < 1e-6  # fp32: the first PPO ratio is exactly 1
         # Each run had its own empty compile cache, and wrote its config where the benchmark read it.
@@ -93,5 +95,6 @@ def test_both_styles_run_cold_in_their_own_processes(micro_model, tmp_path):
     s = saved["summary"]
     assert s["cold_speedup"] == pytest.approx(runs[0]["wall_s"] / runs[1]["wall_s"])
     assert s["rss_ratio"] == pytest.approx(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"])
+    assert s["memory_ratio"] == pytest.approx(runs[1]["peak_tree_pss_mb"] / runs[0]["peak_tree_pss_mb"])
     assert s["targets"]["ratio_dev_first_ok"] is True
     assert saved["machine"]["cpu_cores"] >= 1 and len(saved["machine"]["load_avg_at_start"]) == 3
