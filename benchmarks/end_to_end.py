@@ -28,7 +28,8 @@ hits both alike. Per run:
   over it and the descendants it waited for: one run's figure, unlike ``RUSAGE_CHILDREN``);
   ``peak_tree_rss_mb``: the largest sum of the RSS of the child and all its descendants (compile
   workers included), polled every ``--poll-s`` seconds from ``/proc`` (a lower bound); ``peak_tree_pss_mb``:
-  the same sum of PSS (``/proc/<pid>/smaps_rollup``: each page shared between processes counted once), the
+  the same sum of PSS (``/proc/<pid>/smaps_rollup``: each page shared between processes counted once; read
+  every ``--pss-every`` polls, as reading it walks the page tables and slows what it measures), the
   memory of the whole run when the trainer forks data-parallel workers (TrainConfig.processes), whose
   imported pages are shared with their parent; ``max_processes``: the most processes seen in the tree.
   The memory target compares the trees' PSS (``memory_ratio``);
@@ -173,18 +174,23 @@ class TreeRss:
     """Polls the largest summed RSS and PSS (MB) of a process and its descendants while it runs, and the
     largest number of processes in that tree."""
 
-    def __init__(self, pid: int, interval_s: float):
+    def __init__(self, pid: int, interval_s: float, pss_every: int = 10):
         self.pid, self.interval_s, self.peak_mb, self.polls = pid, interval_s, 0.0, 0
-        self.peak_pss_mb, self.max_processes = 0.0, 0
+        self.peak_pss_mb, self.max_processes, self.pss_every = 0.0, 0, pss_every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def poll(self) -> None:
         tree = process_tree(self.pid)
         total = sum(_status_kb(p, "VmRSS") or 0 for p in tree)
-        pss = sum(_pss_kb(p) or 0 for p in tree)
         self.peak_mb, self.polls = max(self.peak_mb, total / 1024), self.polls + 1
-        self.peak_pss_mb, self.max_processes = max(self.peak_pss_mb, pss / 1024), max(self.max_processes, len(tree))
+        self.max_processes = max(self.max_processes, len(tree))
+        # PSS costs a walk of every page table (measured: polling it every 0.5 s slowed a 2-process run's epochs
+        # from 11 to 14 s on 2 cores), so only every pss_every-th poll; the trainer keeps freed memory
+        # (agents/runtime.py), so the resident size stays at its peak between polls.
+        if self.polls % self.pss_every == 1 or self.pss_every == 1:
+            pss = sum(_pss_kb(p) or 0 for p in tree)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss / 1024)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -246,7 +252,7 @@ def run_once(args: argparse.Namespace, style: str, repeat: int, work: Path) -> d
     with open(log, "wb") as out:
         launched, t0 = time.time(), time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
-        with TreeRss(proc.pid, args.poll_s) as tree:
+        with TreeRss(proc.pid, args.poll_s, args.pss_every) as tree:
             if hasattr(os, "wait4"):
                 _, status, usage = os.wait4(proc.pid, 0)
                 proc.returncode, waited_kb = os.waitstatus_to_exitcode(status), usage.ru_maxrss
@@ -378,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="more denoise-gym train options for both runs, one string, e.g. --extra=\"--num-steps 2 "
                         "--samples-per-epoch 16\" (for smoke runs; the reference style's own values win)")  # fmt: skip
     p.add_argument("--poll-s", type=float, default=0.5, help="seconds between RSS polls of a run's processes")
+    p.add_argument("--pss-every", type=int, default=10,
+                   help="read PSS (a walk of the page tables, not free) every this many RSS polls (default 10)")
     args = p.parse_args(argv)
     for name in ("budget", "repeats"):
         if getattr(args, name) < 1:
@@ -386,6 +394,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--threads={args.threads}: expected 0 (the child's default) or a positive integer")
     if not args.poll_s > 0:
         p.error(f"--poll-s={args.poll_s}: expected a number > 0")
+    if args.pss_every < 1:
+        p.error(f"--pss-every={args.pss_every}: expected a positive integer")
     if args.model and args.random_model:
         p.error("--model and --random-model: expected at most one of them")
     try:
