@@ -10,7 +10,9 @@ What is measured, in one process:
   (``micro_batch_size``, ``channels_last``, ``compile_network``, ``attention``, threads; each can be
   changed with ``--micro-batch``, ``--channels-last``, ``--compile``, ``--attention``, ``--threads``, and
   bf16 autocast with recomputed old log-probs turned on with ``--bf16``). Both sides use the fused AdamW of ``make_optimizer`` and,
-  on CPU, keep freed memory in the process (``--retain-freed-memory``), as training runs do.
+  on CPU, keep freed memory in the process (``--retain-freed-memory``), as training runs do. This is one
+  process's epoch: a CPU run with idle cores forks data-parallel processes, each doing its share of it
+  on one thread (TrainConfig.processes); ``benchmarks.end_to_end`` times that, the whole command.
 - **The baseline epoch** (``--baseline``): the same epoch with every speed-up off, in the style of the
   reference implementations (TRL's DDPOTrainer, ddpo-pytorch): eager fp32, sampling in batches of 16
   with a Python loop over steps, training in batches of 16 samples with one forward/backward call per
