@@ -91,7 +91,9 @@ def test_both_styles_run_cold_in_their_own_processes(micro_model, tmp_path):
         assert config["env_kwargs"] == {"model": str(micro_model.resolve())} and config["num_steps"] == 2
     ref, fast = (flat_config(r["config"]) for r in runs)
     assert all(ref[k] == v for k, v in REFERENCE_STYLE.items()) and runs[0]["reference_overrides_applied"]
-    assert fast["micro_batch_size"] == preset_config("tiny", "ddpo-is").micro_batch_size != 16
+    preset = preset_config("tiny", "ddpo-is")
+    assert fast["micro_batch_size"] == preset.micro_batch_size  # the fast run takes the preset's sizes,
+    assert fast["processes"] == preset.processes != REFERENCE_STYLE["processes"]  # not the reference's one process
     s = saved["summary"]
     assert s["cold_speedup"] == pytest.approx(runs[0]["wall_s"] / runs[1]["wall_s"])
     assert s["rss_ratio"] == pytest.approx(runs[1]["peak_rss_mb"] / runs[0]["peak_rss_mb"])
