@@ -363,6 +363,7 @@ def run_forked(processes: int, threads: int, fn: Callable[[], int], grace_s: flo
                 sys.stderr.flush()
                 os._exit(code)
         pids.append(pid)
+    gc.unfreeze()  # the parent's objects are collectable again (it only waits from here)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     codes: dict[int, int] = {}
     failure = None  # the exit code of the first process that failed (a signal's death counts as 1)
