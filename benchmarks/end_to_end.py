@@ -31,7 +31,8 @@ hits both alike. Per run:
   the same sum of PSS (``/proc/<pid>/smaps_rollup``: each page shared between processes counted once; read
   every ``--pss-every`` polls, as reading it walks the page tables and slows what it measures), the
   memory of the whole run when the trainer forks data-parallel workers (TrainConfig.processes), whose
-  imported pages are shared with their parent; ``max_processes``: the most processes seen in the tree.
+  imported pages are shared with their parent; ``max_processes``: the most processes seen in the tree
+  (a transient helper process, such as the ``ldconfig`` that ``ctypes.util.find_library`` runs, counts).
   The memory target compares the trees' PSS (``memory_ratio``);
 - ``epoch_s``: each epoch's ``perf/sample_s + perf/train_s`` from the run's metrics.jsonl;
   ``steady_epoch_s`` is their median without the first epoch (which pays compilation and warm-up);

@@ -81,7 +81,8 @@ def test_both_styles_run_cold_in_their_own_processes(micro_model, tmp_path):
         assert r["peak_rss_mb"] > 50  # a process that imported torch and trained: far above 50 MB
         assert r["peak_rss_waited_mb"] >= r["peak_rss_mb"]  # wait4's figure covers the child itself
         assert 50 < r["peak_tree_pss_mb"] <= r["peak_tree_rss_mb"] + 1  # PSS counts shared pages once
-        assert r["max_processes"] == 1  # --threads 1: one process
+        assert r["max_processes"] >= 1  # (a transient helper such as ldconfig may show up in a poll)
+        assert "data-parallel on" not in (work / f"{r['style']}-0" / "child.log").read_text()  # --threads 1: one
         assert r["torch_threads"] == 1
         assert r["ratio_dev_first"] < 1e-6  # fp32: the first PPO ratio is exactly 1
         # Each run had its own empty compile cache, and wrote its config where the benchmark read it.
