@@ -356,13 +356,13 @@ class TrainConfig(_SharedFields):
                 f"samples_per_epoch={self.samples_per_epoch} is not a multiple of sample_batch_size="
                 f"{self.sample_batch_size}: make samples_per_epoch a multiple of it"
             )
+        batches = self.samples_per_epoch // max(1, self.sample_batch_size)  # sampling batches per epoch
         if self.processes > 1 and not self.device.startswith("cpu"):
             errors.append(f"processes={self.processes} with device={self.device!r}: processes are forked for CPU "
                           "runs; on GPUs start one process per GPU with torchrun or accelerate launch")
-        elif self.processes > 1 and (self.samples_per_epoch // max(1, self.sample_batch_size)) % self.processes:
+        elif self.processes > 1 and batches % self.processes:
             errors.append(
-                f"processes={self.processes}: expected a divisor of the epoch's "
-                f"{self.samples_per_epoch // max(1, self.sample_batch_size)} sampling batch(es) (samples_per_epoch / "
+                f"processes={self.processes}: expected a divisor of the epoch's {batches} sampling batch(es) (samples_per_epoch / "
                 f"sample_batch_size), as each process samples whole batches; a smaller sample_batch_size gives more"
             )
         if self.samples_per_prompt < 1 or self.sample_batch_size % self.samples_per_prompt:
