@@ -14,7 +14,8 @@ from agents.policy import GaussianDenoisingPolicy
 from agents.trainer import derive_seed, make_env
 
 # Held-out prompt sets of the named training sets (DDPO §6.3: generalisation to unseen prompts).
-HELDOUT_SETS = {"tiny_train": "tiny_heldout", "tiny_train_scenes": "tiny_heldout_scenes"}
+HELDOUT_SETS = {"tiny_train": "tiny_heldout", "tiny_train_scenes": "tiny_heldout_scenes",
+                "tiny_train_scenes_seen_relations": "tiny_heldout_relation_scenes"}
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Tiny-GenEval, measured exactly: the all-correct rate of training runs against reward queries (issue 15).
 
-    python -m benchmarks.geneval_showcase RUN_DIR [RUN_DIR ...] [--samples 256] [--out benchmarks/results/geneval]
+    python -m benchmarks.geneval_showcase RUN_DIR [RUN_DIR ...] [--samples 256] [--relations]
+                                          [--out benchmarks/results/geneval]
 
 For each run (a ``denoise-gym train`` folder on ``Denoise-Tiny-GenEval-v0`` or ``Denoise-TinyFlow-GenEval-v0``)
 and for each of its checkpoints, and for the base model once per task:
@@ -10,6 +11,9 @@ and for each of its checkpoints, and for the base model once per task:
   mix) and on held-out scenes (``tiny_heldout_scenes``: colour×shape pairs never trained on), at fixed seeds,
   the same for every policy; each check's pass rate and all-correct by object count
   (:func:`benchmarks.geneval_ceiling.summary`, which also gives the ceiling these are compared with);
+  with ``--relations`` also on two-object scenes of training pairs whose relation is a seen one (``above``,
+  ``left of``) and a held-out one (``below``, ``right of``: ``rewards.tinyworld.world.HELDOUT_RELATIONS``), for
+  runs fine-tuned on ``tiny_train_scenes_seen_relations``, which never names those two;
 - **within-prompt diversity** (:func:`agents.evaluate.evaluate_diversity`: 4 images of each of 16 prompts) of the
   final checkpoint and of the base model (the issue's guard against reward hacking: ≥ 50% of the base's).
 
@@ -36,6 +40,11 @@ import diffusion_env  # noqa: F401  (registers the IDs)
 from agents.config import TrainConfig
 
 SPLITS = {"train": "tiny_train_scenes", "heldout": "tiny_heldout_scenes"}
+RELATION_SPLITS = {"seen_relations": "tiny_seen_relation_scenes", "heldout_relations": "tiny_heldout_relation_scenes"}
+SPLIT_LABELS = {"train": "training prompts", "heldout": "held-out colour×shape pairs",
+                "seen_relations": "2 objects, seen relations", "heldout_relations": "2 objects, held-out relations"}
+SPLIT_COLOURS = {"train": "tab:blue", "heldout": "tab:orange", "seen_relations": "tab:green",
+                 "heldout_relations": "tab:red"}
 EVAL_SEED = 10_000  # the evaluation's prompts and noise (agents.evaluate's default; never a training seed)
 GRID_PROMPTS = 8  # rows of the before/after grid
 GRID_PER_PROMPT = 4
@@ -62,13 +71,15 @@ def checkpoints(run: Path) -> list[str]:
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, policy, samples: int, seed: int = EVAL_SEED) -> dict[str, Any]:
+def evaluate(cfg: TrainConfig, policy, samples: int, seed: int = EVAL_SEED,
+             splits: Sequence[str] = tuple(SPLITS)) -> dict[str, Any]:
+    """Each of ``splits``' figures (names of :data:`SPLITS` or :data:`RELATION_SPLITS`)."""
     from agents.evaluate import evaluate_policy
     from benchmarks.geneval_ceiling import summary
 
     out = {}
-    for split, prompts in SPLITS.items():
-        r = evaluate_policy(cfg, policy, prompts, num_samples=samples, seed=seed)
+    for split in splits:
+        r = evaluate_policy(cfg, policy, {**SPLITS, **RELATION_SPLITS}[split], num_samples=samples, seed=seed)
         out[split] = summary(r["images"], r["prompts"])
     return out
 
@@ -87,29 +98,34 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache: Path, diversity: bool) -> dict:
-    """One checkpoint's (None: the base model's) figures, read from ``cache`` when it holds them."""
+def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache: Path, diversity: bool,
+                   splits: Sequence[str] = tuple(SPLITS)) -> dict:  # fmt: skip
+    """One checkpoint's (None: the base model's) figures on ``splits``; what ``cache`` holds is not recomputed."""
     from agents.evaluate import evaluate_diversity
 
-    if cache.exists():
-        data = json.loads(cache.read_text())
-        if data.get("samples") == samples and (not diversity or data.get("diversity") is not None):
-            return data
+    data = json.loads(cache.read_text()) if cache.exists() else {}
+    if data.get("samples") != samples:
+        data = {}
+    missing = [s for s in splits if s not in data]
+    if not missing and (not diversity or data.get("diversity") is not None):
+        return data
     t0 = time.perf_counter()
     policy, state = _policy(cfg, checkpoint)
-    data = {"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples,
-            "reward_queries": state.get("reward_queries", 0), **evaluate(cfg, policy, samples)}  # fmt: skip
-    data["diversity"] = evaluate_diversity(cfg, policy) if diversity else None
-    data["eval_s"] = time.perf_counter() - t0
+    data.update({"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples,
+                 "reward_queries": state.get("reward_queries", 0), **evaluate(cfg, policy, samples, splits=missing)})  # fmt: skip
+    if diversity and data.get("diversity") is None:
+        data["diversity"] = evaluate_diversity(cfg, policy)
+    data.setdefault("diversity", None)
+    data["eval_s"] = data.get("eval_s", 0.0) + time.perf_counter() - t0
     _write_json(cache, data)
     return data
 
 
-def run_curve(run: Path, samples: int) -> dict[str, Any]:
+def run_curve(run: Path, samples: int, splits: Sequence[str] = tuple(SPLITS)) -> dict[str, Any]:
     cfg = load_config(run)
     names = checkpoints(run)
-    points = [evaluate_point(cfg, n, samples, run / "geneval_eval" / f"{n}.json", diversity=n == names[-1])
-              for n in names]  # fmt: skip
+    points = [evaluate_point(cfg, n, samples, run / "geneval_eval" / f"{n}.json", diversity=n == names[-1],
+                             splits=splits) for n in names]  # fmt: skip
     metrics = run / "metrics.jsonl"
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     train_s = sum(r.get("perf/sample_s", 0) + r.get("perf/train_s", 0) for r in rows)
@@ -117,16 +133,15 @@ def run_curve(run: Path, samples: int) -> dict[str, Any]:
             "epoch_s_sum": train_s}  # fmt: skip
 
 
-def plot_curves(runs: list[dict], base: dict, path: Path) -> None:
+def plot_curves(runs: list[dict], base: dict, path: Path, splits: Sequence[str] = tuple(SPLITS)) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colours = {"train": "tab:blue", "heldout": "tab:orange"}
-    labels = {"train": "training prompts", "heldout": "held-out colour×shape pairs"}
-    for split in SPLITS:
+    colours, labels = SPLIT_COLOURS, SPLIT_LABELS
+    for split in splits:
         for r in runs:
             q = [0] + [p["reward_queries"] for p in r["points"]]
             y = [base[split]["all_correct"]] + [p[split]["all_correct"] for p in r["points"]]
@@ -195,6 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--samples", type=int, default=256, help="evaluation samples per split and checkpoint (256)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/geneval"), help="output folder")
     p.add_argument("--no-grid", action="store_true", help="skip the before/after grid")
+    p.add_argument("--relations", action="store_true",
+                   help="also evaluate two-object scenes with seen and with held-out relations (RELATION_SPLITS)")
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error(f"--samples={args.samples}: expected a positive integer")
@@ -204,26 +221,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfgs = [load_config(r) for r in args.runs]
     if len({c.env_id for c in cfgs}) != 1:
         p.error(f"runs of several tasks {sorted({c.env_id for c in cfgs})}; expected runs of one task")
-    base = evaluate_point(cfgs[0], None, args.samples, args.out / f"base_{cfgs[0].env_id}.json", diversity=True)
-    runs = [run_curve(r, args.samples) for r in args.runs]
+    splits = [*SPLITS, *(RELATION_SPLITS if args.relations else ())]
+    base = evaluate_point(cfgs[0], None, args.samples, args.out / f"base_{cfgs[0].env_id}.json", diversity=True,
+                          splits=splits)  # fmt: skip
+    runs = [run_curve(r, args.samples, splits) for r in args.runs]
     result: dict[str, Any] = {"env_id": cfgs[0].env_id, "samples": args.samples, "eval_seed": EVAL_SEED,
                               "base": base, "runs": runs}  # fmt: skip
     finals = [r["points"][-1] for r in runs]
     result["summary"] = {
         split: {"base": base[split]["all_correct"], "final": [f[split]["all_correct"] for f in finals],
                 "final_mean": float(np.mean([f[split]["all_correct"] for f in finals]))}
-        for split in SPLITS
+        for split in splits
     }  # fmt: skip
     result["summary"]["diversity"] = {"base": base["diversity"], "final": [f["diversity"] for f in finals]}
     args.out.mkdir(parents=True, exist_ok=True)
-    plot_curves(runs, base, args.out / "curve.png")
+    plot_curves(runs, base, args.out / "curve.png", splits)
     if not args.no_grid:
         result["grid"] = before_after_grid(args.runs[0], args.out / "grid_before_after.png")
     _write_json(args.out / "showcase.json", result)
-    for split in SPLITS:
+    for split in splits:
         s = result["summary"][split]
-        print(f"{split:8s} all-correct base {s['base']:.1%} → " + ", ".join(f"{v:.1%}" for v in s["final"])
-              + f" (mean {s['final_mean']:.1%})")  # fmt: skip
+        rel = ""
+        if split in RELATION_SPLITS:  # what these splits are for: the relation check alone
+            rel = f"; relation check {base[split]['checks']['relation']:.1%} → " + ", ".join(
+                f"{f[split]['checks']['relation']:.1%}" for f in finals)
+        print(f"{split:17s} all-correct base {s['base']:.1%} → " + ", ".join(f"{v:.1%}" for v in s["final"])
+              + f" (mean {s['final_mean']:.1%}){rel}")  # fmt: skip
     d = result["summary"]["diversity"]
     print(f"diversity base {d['base']:.4f} → " + ", ".join(f"{v:.4f}" for v in d["final"]))
     print(f"wrote {args.out}/showcase.json, curve.png" + ("" if args.no_grid else ", grid_before_after.png"))

@@ -16,6 +16,11 @@ Named samplers (infinite distributions, :data:`PROMPT_SAMPLERS`):
 - ``tiny_train_scenes`` / ``tiny_heldout_scenes``: the caption of a freshly drawn tiny-world scene of the
   training / held-out split, with the object-count mix the tiny models were trained on (one, two or three
   objects with probabilities .4/.4/.2; a uniform draw from ``tiny_train`` is ~95% multi-object captions).
+- ``tiny_train_scenes_seen_relations``: as ``tiny_train_scenes``, but two-object scenes never take a held-out
+  relation (``rewards.tinyworld.world.HELDOUT_RELATIONS``: "below", "right of"), for fine-tuning that leaves
+  those words out.
+- ``tiny_seen_relation_scenes`` / ``tiny_heldout_relation_scenes``: two-object scenes of the training
+  colour×shape pairs whose relation is one of the seen / held-out ones, for evaluating such a run.
 
 A prompt distribution is built once per environment by :func:`make_prompt_sampler` and then drawn
 from with each sub-environment's own ``np.random.Generator``, so prompts are seeded like everything else.
@@ -106,23 +111,36 @@ PROMPT_SETS: dict[str, Callable[[], Sequence[str]]] = {
 
 
 class SceneSampler:
-    """Captions of tiny-world scenes drawn from a split (``rewards.tinyworld.world.sample_scene``)."""
+    """Captions of tiny-world scenes drawn from a split (``rewards.tinyworld.world.sample_scene``), optionally
+    of a fixed object count and with two-object relations restricted to ``relations``."""
 
-    def __init__(self, split: str):
-        self.split = split
+    def __init__(self, split: str, n_objects: int | None = None, relations: tuple[str, ...] | None = None):
+        self.split, self.n_objects, self.relations = split, n_objects, relations
 
     def __call__(self, rng: np.random.Generator) -> str:
         from rewards.tinyworld import world
 
-        return world.caption(world.sample_scene(rng, split=self.split))
+        relations = world.RELATIONS if self.relations is None else self.relations
+        return world.caption(world.sample_scene(rng, split=self.split, n_objects=self.n_objects, relations=relations))
 
     def __repr__(self) -> str:
-        return f"SceneSampler({self.split!r})"
+        extra = "".join(f", {k}={v!r}" for k, v in (("n_objects", self.n_objects), ("relations", self.relations))
+                        if v is not None)  # fmt: skip
+        return f"SceneSampler({self.split!r}{extra})"
+
+
+def _relation_sampler(n_objects: int | None, held_out: bool) -> SceneSampler:
+    from rewards.tinyworld import world
+
+    return SceneSampler("train", n_objects, world.HELDOUT_RELATIONS if held_out else world.SEEN_RELATIONS)
 
 
 PROMPT_SAMPLERS: dict[str, Callable[[], PromptSampler]] = {
     "tiny_train_scenes": lambda: SceneSampler("train"),
     "tiny_heldout_scenes": lambda: SceneSampler("heldout"),
+    "tiny_train_scenes_seen_relations": lambda: _relation_sampler(None, held_out=False),
+    "tiny_seen_relation_scenes": lambda: _relation_sampler(2, held_out=False),
+    "tiny_heldout_relation_scenes": lambda: _relation_sampler(2, held_out=True),
 }
 
 

@@ -81,6 +81,27 @@ def test_scene_samplers_have_the_training_object_count_mix_and_respect_the_split
         prompt_set("tiny_train_scenes")
 
 
+def test_relation_samplers_leave_the_held_out_relations_out_of_training_prompts():
+    from agents.evaluate import HELDOUT_SETS
+    from rewards.tinyworld.world import HELDOUT_PAIRS, HELDOUT_RELATIONS, SEEN_RELATIONS
+
+    rng = np.random.default_rng(3)
+    train = make_prompt_sampler("tiny_train_scenes_seen_relations")
+    parsed = [parse_prompt(train(rng)) for _ in range(2000)]
+    counts = np.bincount([len(p["objects"]) for p in parsed], minlength=4)[1:] / 2000
+    assert np.allclose(counts, [0.4, 0.4, 0.2], atol=0.04)  # the training object-count mix
+    assert {p["relation"] for p in parsed if len(p["objects"]) == 2} == set(SEEN_RELATIONS)
+    assert not any((o["colour"], o["shape"]) in HELDOUT_PAIRS for p in parsed for o in p["objects"])
+    for name, relations in (("tiny_seen_relation_scenes", SEEN_RELATIONS),
+                            ("tiny_heldout_relation_scenes", HELDOUT_RELATIONS)):  # fmt: skip
+        sampler = make_prompt_sampler(name)
+        drawn = [parse_prompt(sampler(rng)) for _ in range(200)]
+        assert {len(p["objects"]) for p in drawn} == {2}
+        assert {p["relation"] for p in drawn} == set(relations)
+        assert not any((o["colour"], o["shape"]) in HELDOUT_PAIRS for p in drawn for o in p["objects"])
+    assert HELDOUT_SETS["tiny_train_scenes_seen_relations"] == "tiny_heldout_relation_scenes"
+
+
 def test_ceiling_benchmark_scores_true_renders_fully_and_counts_by_object_number():
     from benchmarks.geneval_ceiling import scenes, summary
 

@@ -51,6 +51,15 @@ def test_checkpoints_are_scored_at_the_base_models_prompts_and_seeds(still_run, 
     cache.write_text(json.dumps(data))
     again = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out"), "--no-grid"])
     assert again["runs"][0]["points"][0]["train"]["all_correct"] == 2.0
+    # --relations adds the two-object relation splits to the same caches: only they are sampled.
+    rel = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out"), "--no-grid", "--relations"])
+    p0 = rel["runs"][0]["points"][0]
+    assert p0["train"]["all_correct"] == 2.0
+    for split in ("seen_relations", "heldout_relations"):
+        assert rel["base"][split]["n"] == 8 and set(rel["base"][split]["by_count"]) == {"2"}
+        assert rel["base"][split]["checks"]["relation"] is not None
+        assert p0[split]["all_correct"] == rel["base"][split]["all_correct"]  # unchanged weights, same samples
+        assert split in rel["summary"]
 
 
 def test_runs_of_other_tasks_are_refused(tmp_path):

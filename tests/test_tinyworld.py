@@ -109,6 +109,25 @@ def test_sample_scene_rejects_bad_arguments():
         sample_scene(np.random.default_rng(0), split="test")
     with pytest.raises(ValueError, match="n_objects"):
         sample_scene(np.random.default_rng(0), n_objects=4)
+    for bad in ((), ("under",), ("above", "beside")):
+        with pytest.raises(ValueError, match="relations=.*expected a non-empty subset"):
+            sample_scene(np.random.default_rng(0), relations=bad)
+
+
+def test_held_out_relations_leave_one_word_per_axis_and_restrict_two_object_scenes():
+    assert set(world.SEEN_RELATIONS) | set(world.HELDOUT_RELATIONS) == set(world.RELATIONS)
+    assert not set(world.SEEN_RELATIONS) & set(world.HELDOUT_RELATIONS)
+    for axis in ({"above", "below"}, {"left of", "right of"}):  # each axis keeps one word seen, one held out
+        assert len(axis & set(world.SEEN_RELATIONS)) == 1 and len(axis & set(world.HELDOUT_RELATIONS)) == 1
+    rng = np.random.default_rng(2)
+    seen = [sample_scene(rng, split="train", relations=world.SEEN_RELATIONS) for _ in range(400)]
+    assert {s.relation for s in seen if len(s.objects) == 2} == set(world.SEEN_RELATIONS)
+    assert {len(s.objects) for s in seen} == {1, 2, 3}  # the other scenes are drawn as before
+    held = [sample_scene(rng, split="train", n_objects=2, relations=world.HELDOUT_RELATIONS) for _ in range(100)]
+    assert {s.relation for s in held} == set(world.HELDOUT_RELATIONS)
+    for s in held:  # the geometry follows the word: "below" puts the first object lower (larger y), etc.
+        a, b = s.objects
+        assert (a.cy > b.cy + 5) if s.relation == "below" else (a.cx > b.cx + 5)
 
 
 # ------------------------------------------------------------------------------------------- captioner

@@ -14,6 +14,11 @@ fixes the data.
 Held-out split: a few colour x shape pairs (:data:`HELDOUT_PAIRS`) never appear in a training scene or
 prompt; :func:`heldout_prompts` holds every prompt containing at least one of them, so the two prompt
 lists are disjoint and the held-out prompts test composition of attributes seen only separately.
+
+Held-out relations: :data:`HELDOUT_RELATIONS` (one word per axis) can be left out of the prompts a policy is
+fine-tuned on (``sample_scene(..., relations=SEEN_RELATIONS)``), so that its two-object scenes are described only
+by the other word of each axis. The tiny models themselves were trained on every relation: like the paper's
+held-out animals (section 6.3), these words are known to the base model and unseen only by the RL fine-tuning.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ SIZES: dict[str, float] = {"small": 4.5, "large": 8.5}  # half-extent of a lone 
 MULTI_HALF = 5.0  # half-extent of each object of a two-object scene
 ROW_HALF = 4.0  # half-extent of each object of a three-object row
 RELATIONS: tuple[str, ...] = ("above", "below", "left of", "right of")
+HELDOUT_RELATIONS: tuple[str, ...] = ("below", "right of")
+SEEN_RELATIONS: tuple[str, ...] = tuple(r for r in RELATIONS if r not in HELDOUT_RELATIONS)
 HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
     {("blue", "triangle"), ("yellow", "circle"), ("purple", "square")}
 )
@@ -103,12 +110,17 @@ def _pick_objects(rng: np.random.Generator, n: int, split: str) -> list[tuple[st
         return chosen
 
 
-def sample_scene(rng: np.random.Generator, split: str = "all", n_objects: int | None = None) -> Scene:
+def sample_scene(rng: np.random.Generator, split: str = "all", n_objects: int | None = None,
+                 relations: tuple[str, ...] = RELATIONS) -> Scene:
     """Draw one scene. ``split`` restricts colour x shape pairs (see the module docstring);
-    ``n_objects`` (1-3) fixes the object count, otherwise it is 1, 2 or 3 with probabilities .4/.4/.2."""
+    ``n_objects`` (1-3) fixes the object count, otherwise it is 1, 2 or 3 with probabilities .4/.4/.2;
+    ``relations`` (a non-empty subset of :data:`RELATIONS`) are those a two-object scene may take."""
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng is {type(rng).__name__}; expected a numpy.random.Generator")
     _check_split(split)
+    relations = tuple(relations)
+    if not relations or any(r not in RELATIONS for r in relations):
+        raise ValueError(f"relations={relations!r}; expected a non-empty subset of {RELATIONS}")
     if n_objects is None:
         n_objects = int(rng.choice([1, 2, 3], p=[0.4, 0.4, 0.2]))
     if n_objects not in (1, 2, 3):
@@ -126,7 +138,7 @@ def sample_scene(rng: np.random.Generator, split: str = "all", n_objects: int | 
         objects.append(Obj(shape, colour, rng.uniform(lo, hi), rng.uniform(lo, hi), half, size))
         relation = None
     elif n_objects == 2:
-        relation = str(rng.choice(RELATIONS))
+        relation = str(rng.choice(relations))
         h = MULTI_HALF
         # Along the relation axis: one object in each half, centres >= 11 apart so they never touch;
         # across it: a shared centre +- 2, so the offset along the axis always dominates.
