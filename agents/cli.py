@@ -84,7 +84,7 @@ def new_train_config(options: dict[str, Any], preset: str | None = None) -> Trai
 
 def cmd_train(args: argparse.Namespace) -> int:
     from agents.distributed import run_forked
-    from agents.runtime import idle_cores, local_processes, preload_modules
+    from agents.runtime import local_plan
 
     overrides = given_options(args, CONFIG_FIELDS + tuple(args.algo_fields))
     if args.from_checkpoint and not args.resume:
@@ -98,15 +98,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _load_run_config(args.resume).replace(**overrides)
     else:
         cfg = new_train_config(overrides, args.preset)
-    processes = local_processes(cfg.validate().processes, cfg.threads, cfg.samples_per_epoch // cfg.sample_batch_size,
-                                cfg.device)  # fmt: skip
+    processes, threads = local_plan(cfg.validate())
     if processes == 1:
         return _train(args, cfg, overrides)
-    threads = cfg.threads or max(1, idle_cores() // processes)
-    preload_modules()  # imported once, before the fork: the processes share their pages
-    print(f"data-parallel on {processes} processes of this machine, {threads} torch thread(s) each "
-          f"(processes={cfg.processes}{': one per idle core' if not cfg.processes else ''}; --processes 1 for one)",
-          flush=True)  # fmt: skip
     return run_forked(processes, threads, lambda: _guarded(lambda a: _train(a, cfg, overrides), args))
 
 

@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from agents.config import preset_config
+from agents.config import TrainConfig, preset_config
+from agents.distributed import run_forked
 from agents.evaluate import evaluate_policy
 from agents.progress import describe_stop
+from agents.runtime import local_plan
 from agents.trainer import Trainer
 from diffusion_env import TINY_MODEL_PATH
 
@@ -27,9 +29,10 @@ ENV_ID = "Denoise-Tiny-Incompressibility-v0"
 # Incompressibility in the ~16 epochs that fit (leaderboard, 1,024 queries); with 10 denoising steps instead
 # of 20 (epochs of 7-8 s, 31-34 of them fit): Incompressibility 1.38, and with learning rate 6e-4 and clip
 # range 2e-3 as well 3.72 (Compressibility 1.13). The images gain the texture a larger JPEG needs (the grids).
-# It runs in one process with the sizes of those trials (one sampling batch of 64, training calls of 32 pairs):
-# the forked data-parallel processes of `denoise-gym train` (TrainConfig.processes) are not measured here yet.
-DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3, sample_batch_size=64, micro_batch_size=32)
+# It runs as `denoise-gym train` does: on an idle machine data-parallel in one forked process per core, one thread
+# each, with the preset's sizes (sampling batches of 32, training calls of 16 pairs per process); see the figures
+# of its run in docs/benchmarks.md ("make demo, forked").
+DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,35 +40,62 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=4.0, help="training time limit")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default 0: the cores not already busy)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (default 0: the cores not already busy; a number N runs one process)")
+    p.add_argument("--processes", type=int, default=0,
+                   help="data-parallel processes on this machine (default 0: one per idle core, as `denoise-gym train`)")
     args = p.parse_args(argv)
-    if args.threads < 0:
-        p.error(f"--threads={args.threads}: expected 0 (automatic) or a positive number")
+    for name in ("threads", "processes"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name}={getattr(args, name)}: expected 0 (automatic) or a positive number")
     if not (TINY_MODEL_PATH / "model_index.json").is_file():
         raise SystemExit(f"the shipped tiny model is missing at {TINY_MODEL_PATH}; reinstall the package")
+    cfg = preset_config("tiny", "ddpo-is", **DEMO_SETTINGS, env_id=ENV_ID, num_epochs=args.epochs,
+                        run_dir=args.run_dir, time_limit_s=60 * args.minutes, seed=0, threads=args.threads,
+                        processes=args.processes)  # fmt: skip
+    try:
+        cfg.validate()
+    except ValueError as exc:  # e.g. --processes 3: it must divide the epoch's two sampling batches
+        p.error(str(exc))
     run_dir = Path(args.run_dir)
     if run_dir.exists():  # the demo always starts fresh; keep the previous one aside, never delete user work
         backup = run_dir.with_name(f"{run_dir.name}-previous")
         shutil.rmtree(backup, ignore_errors=True)
         run_dir.rename(backup)
-    cfg = preset_config("tiny", "ddpo-is", **DEMO_SETTINGS, env_id=ENV_ID, num_epochs=args.epochs,
-                        run_dir=str(run_dir), time_limit_s=60 * args.minutes, seed=0, threads=args.threads)  # fmt: skip
-    start = time.perf_counter()
-    trainer = Trainer(cfg)  # sets the torch threads: args.threads, or the cores not already busy
+    processes, threads = local_plan(cfg, hint="--threads N for one process")
+    if processes == 1:
+        return run(cfg, args.minutes)
+    return run_forked(processes, threads, lambda: run(cfg, args.minutes))
+
+
+def run(cfg: TrainConfig, minutes: float) -> int:
+    """The demo in this process: training, and in the main process the evaluations before and after and the
+    report (the other processes of a data-parallel run only train)."""
     import torch
 
-    print(f"training on {torch.get_num_threads()} torch thread(s) for at most {args.minutes:g} min")
-    base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
+    from agents.distributed import shutdown
+
+    start = time.perf_counter()
+    trainer = Trainer(cfg)  # sets the torch threads: cfg.threads, or the cores not already busy
+    main_process, run_dir = trainer.dist.is_main, trainer.run_dir
+    if main_process:
+        print(f"training on {trainer.dist.world_size} process(es) × {torch.get_num_threads()} torch thread(s) for "
+              f"at most {minutes:g} min")  # fmt: skip
+        base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     try:
         trainer.train()  # Ctrl-C: stops after the current epoch, then evaluates what it has
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
-        print(f"\ndemo stopped at once; what it wrote is in {run_dir}", file=sys.stderr)
+        if main_process:
+            print(f"\ndemo stopped at once; what it wrote is in {run_dir}", file=sys.stderr)
         return 130
+    shutdown()  # every process of a data-parallel run leaves together; the main one goes on alone
+    if not main_process:
+        return 0
     after = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     d = (after["reward_mean"] - base["reward_mean"]) / max(base["reward_std"], 1e-9)
     summary = {
-        "env": ENV_ID, "algo": "ddpo-is", "epochs": trainer.epoch, "reward_queries": trainer.reward_queries,
-        "stopped_by": trainer.stop_reason,
+        "env": ENV_ID, "algo": "ddpo-is", "processes": trainer.dist.world_size, "epochs": trainer.epoch,
+        "reward_queries": trainer.reward_queries, "stopped_by": trainer.stop_reason,
         "eval_reward_before": base["reward_mean"], "eval_reward_after": after["reward_mean"],
         "improvement_in_base_std": d, "minutes": (time.perf_counter() - start) / 60,
     }  # fmt: skip

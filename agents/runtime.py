@@ -186,6 +186,22 @@ def local_processes(processes: int, threads: int, num_sample_batches: int, devic
     return max(n for n in range(1, cores + 1) if num_sample_batches % n == 0)
 
 
+def local_plan(cfg, hint: str = "--processes 1 for one") -> tuple[int, int]:
+    """How a CPU run of ``cfg`` started without a launcher runs on this machine: ``(processes, threads per
+    process)`` (threads 0: :func:`set_threads` decides in the one process). With several processes, the run's
+    modules are imported now, before :func:`agents.distributed.run_forked` forks (so that the processes share
+    their pages), and the choice is announced in one line ending with ``hint``."""
+    processes = local_processes(cfg.processes, cfg.threads, cfg.samples_per_epoch // cfg.sample_batch_size,
+                                cfg.device)  # fmt: skip
+    if processes == 1:
+        return 1, cfg.threads
+    threads = cfg.threads or max(1, idle_cores() // processes)
+    preload_modules()
+    print(f"data-parallel on {processes} processes of this machine, {threads} torch thread(s) each "
+          f"(processes={cfg.processes}{': one per idle core' if not cfg.processes else ''}; {hint})", flush=True)
+    return processes, threads
+
+
 def set_threads(threads: int) -> int:
     """Set torch's intra-op threads to ``threads``; returns the count in use.
 
