@@ -29,9 +29,11 @@ ENV_ID = "Denoise-Tiny-Incompressibility-v0"
 # Incompressibility in the ~16 epochs that fit (leaderboard, 1,024 queries); with 10 denoising steps instead
 # of 20 (epochs of 7-8 s, 31-34 of them fit): Incompressibility 1.38, and with learning rate 6e-4 and clip
 # range 2e-3 as well 3.72 (Compressibility 1.13). The images gain the texture a larger JPEG needs (the grids).
-# It runs as `denoise-gym train` does: on an idle machine data-parallel in one forked process per core, one thread
-# each, with the preset's sizes (sampling batches of 32, training calls of 16 pairs per process); see the figures
-# of its run in docs/benchmarks.md ("make demo, forked").
+# Those trials ran in one process on 2 threads, sampling each epoch in one batch of 64. The demo now runs as
+# `denoise-gym train` does: on an idle machine data-parallel in two forked processes of one thread each (as many
+# as divide the epoch's two sampling batches of 32, at most one per idle core), training calls of 16 pairs per
+# process; its figures are in docs/benchmarks.md ("make demo, data-parallel"). Its evaluation keeps the trials'
+# samples: 64 at fixed seeds, drawn in one batch.
 DEMO_SETTINGS = dict(num_steps=10, learning_rate=6e-4, clip_range=2e-3)
 
 
@@ -41,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads per process (default 0: the cores not already busy; a number N runs one process)")
+                   help="torch threads per process (default 0: the cores not already busy; with --processes 0, "
+                        "a number N runs one process of N threads)")
     p.add_argument("--processes", type=int, default=0,
-                   help="data-parallel processes on this machine (default 0: one per idle core, as `denoise-gym train`)")
+                   help="data-parallel processes on this machine (default 0: as `denoise-gym train`, one per idle "
+                        "core up to the epoch's 2 sampling batches)")
     args = p.parse_args(argv)
     for name in ("threads", "processes"):
         if getattr(args, name) < 0:
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                         processes=args.processes)  # fmt: skip
     try:
         cfg.validate()
+        processes, threads = local_plan(cfg, hint="--threads N for one process")
     except ValueError as exc:  # e.g. --processes 3: it must divide the epoch's two sampling batches
         p.error(str(exc))
     run_dir = Path(args.run_dir)
@@ -62,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         backup = run_dir.with_name(f"{run_dir.name}-previous")
         shutil.rmtree(backup, ignore_errors=True)
         run_dir.rename(backup)
-    processes, threads = local_plan(cfg, hint="--threads N for one process")
     if processes == 1:
         return run(cfg, args.minutes)
     return run_forked(processes, threads, lambda: run(cfg, args.minutes))
@@ -78,20 +82,21 @@ def run(cfg: TrainConfig, minutes: float) -> int:
     start = time.perf_counter()
     trainer = Trainer(cfg)  # sets the torch threads: cfg.threads, or the cores not already busy
     main_process, run_dir = trainer.dist.is_main, trainer.run_dir
-    if main_process:
-        print(f"training on {trainer.dist.world_size} process(es) × {torch.get_num_threads()} torch thread(s) for "
-              f"at most {minutes:g} min")  # fmt: skip
-        base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     try:
+        if main_process:
+            print(f"training on {trainer.dist.world_size} process(es) × {torch.get_num_threads()} torch thread(s) "
+                  f"for at most {minutes:g} min")  # fmt: skip
+            base = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64, batch_size=64)
+        trainer.dist.barrier()  # every process starts the time limit's clock together, after the evaluation
         trainer.train()  # Ctrl-C: stops after the current epoch, then evaluates what it has
-    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        shutdown()  # every process of a data-parallel run leaves together; the main one goes on alone
+        if not main_process:
+            return 0
+        after = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64, batch_size=64)
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one outside it: stop at once
         if main_process:
             print(f"\ndemo stopped at once; what it wrote is in {run_dir}", file=sys.stderr)
         return 130
-    shutdown()  # every process of a data-parallel run leaves together; the main one goes on alone
-    if not main_process:
-        return 0
-    after = evaluate_policy(cfg, trainer.policy, "tiny_train", num_samples=64)
     d = (after["reward_mean"] - base["reward_mean"]) / max(base["reward_std"], 1e-9)
     summary = {
         "env": ENV_ID, "algo": "ddpo-is", "processes": trainer.dist.world_size, "epochs": trainer.epoch,

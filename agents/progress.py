@@ -78,7 +78,7 @@ class GracefulInterrupt:
     The trainer checks ``requested`` between epochs: it saves the finished epoch's checkpoint and stops.
     """
 
-    def __init__(self, message: str = "Ctrl-C: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)"):
+    def __init__(self, message: str | None = "Ctrl-C: stopping after this epoch's checkpoint (Ctrl-C again to stop at once)"):
         self.message = message
         self.requested = False
         self._previous: Any = None
@@ -88,7 +88,8 @@ class GracefulInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{self.message}", file=sys.stderr, flush=True)
+        if self.message is not None:  # None: quiet (e.g. every process of a data-parallel run but the main one)
+            print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> GracefulInterrupt:
         if threading.current_thread() is threading.main_thread():

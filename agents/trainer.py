@@ -269,10 +269,12 @@ class Trainer:
         cfg = self.cfg
         planned, self.stop_reason = planned_epochs(cfg)
         progress = None
-        with GracefulInterrupt() as interrupt:
+        # One process says what Ctrl-C does and shows the progress bar: the main one of a data-parallel run.
+        interrupt = GracefulInterrupt() if self.dist.is_main else GracefulInterrupt(message=None)
+        with interrupt:
             if self.epoch == 0 and not (self.run_dir / "grid_before.png").exists():
                 self.write_grid(self.run_dir / "grid_before.png")
-            if cfg.progress:
+            if cfg.progress and self.dist.is_main:
                 from tqdm.auto import tqdm
 
                 progress = tqdm(total=planned, initial=min(self.epoch, planned), desc=f"{cfg.algo} {cfg.env_id}",

@@ -111,6 +111,8 @@ def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache
         return data
     t0 = time.perf_counter()
     policy, state = _policy(cfg, checkpoint)
+    if (data.get("epoch"), data.get("reward_queries")) != (state.get("epoch", 0), state.get("reward_queries", 0)):
+        data, missing = {}, list(splits)  # the cache is of other weights (a run trained again in place)
     data.update({"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples,
                  "reward_queries": state.get("reward_queries", 0), **evaluate(cfg, policy, samples, splits=missing)})  # fmt: skip
     if diversity and data.get("diversity") is None:

@@ -307,6 +307,18 @@ def test_first_ctrl_c_asks_to_stop_and_the_second_stops_at_once():
     assert signal.getsignal(signal.SIGINT) is before  # the handler it replaced is back
 
 
+def test_graceful_interrupt_without_a_message_is_quiet(capsys):
+    """The other processes of a data-parallel run stop as the main one does, without saying it again."""
+    from agents.progress import GracefulInterrupt
+
+    for message, said in ((None, ""), ("stopping", "stopping")):
+        with GracefulInterrupt(message=message) as interrupt:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            assert interrupt.requested
+        assert capsys.readouterr().err.strip() == said
+
+
 # ---------------------------------------------------------------------------------------------- Ctrl-C
 NUM_EPOCHS = 4
 

@@ -82,7 +82,8 @@ def test_scene_samplers_have_the_training_object_count_mix_and_respect_the_split
 
 
 def test_relation_samplers_leave_the_held_out_relations_out_of_training_prompts():
-    from agents.evaluate import HELDOUT_SETS
+    from agents.config import TrainConfig
+    from agents.evaluate import heldout_prompt_set
     from rewards.tinyworld.world import HELDOUT_PAIRS, HELDOUT_RELATIONS, SEEN_RELATIONS
 
     rng = np.random.default_rng(3)
@@ -99,7 +100,10 @@ def test_relation_samplers_leave_the_held_out_relations_out_of_training_prompts(
         assert {len(p["objects"]) for p in drawn} == {2}
         assert {p["relation"] for p in drawn} == set(relations)
         assert not any((o["colour"], o["shape"]) in HELDOUT_PAIRS for p in drawn for o in p["objects"])
-    assert HELDOUT_SETS["tiny_train_scenes_seen_relations"] == "tiny_heldout_relation_scenes"
+    # `denoise-gym eval` of a run fine-tuned on them evaluates its held-out prompts on the held-out relations.
+    cfg = TrainConfig(env_id="Denoise-Tiny-GenEval-v0", env_kwargs={"prompts": "tiny_train_scenes_seen_relations"})
+    assert heldout_prompt_set(cfg) == "tiny_heldout_relation_scenes"
+    assert heldout_prompt_set(TrainConfig(env_id="Denoise-Tiny-GenEval-v0")) == "tiny_heldout_scenes"
 
 
 def test_ceiling_benchmark_scores_true_renders_fully_and_counts_by_object_number():

@@ -60,6 +60,13 @@ def test_checkpoints_are_scored_at_the_base_models_prompts_and_seeds(still_run, 
         assert rel["base"][split]["checks"]["relation"] is not None
         assert p0[split]["all_correct"] == rel["base"][split]["all_correct"]  # unchanged weights, same samples
         assert split in rel["summary"]
+    # A cache of other weights (here: another epoch) is not merged with new splits: everything is sampled again.
+    data = json.loads(cache.read_text())
+    data["epoch"] += 7
+    data.pop("heldout_relations")
+    cache.write_text(json.dumps(data))
+    fresh = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out"), "--no-grid", "--relations"])
+    assert fresh["runs"][0]["points"][0]["train"]["all_correct"] == base["train"]["all_correct"]  # not the 2.0
 
 
 def test_runs_of_other_tasks_are_refused(tmp_path):
