@@ -46,6 +46,9 @@ SPLIT_LABELS = {"train": "training prompts", "heldout": "held-out colour×shape 
 SPLIT_COLOURS = {"train": "tab:blue", "heldout": "tab:orange", "seen_relations": "tab:green",
                  "heldout_relations": "tab:red"}
 EVAL_SEED = 10_000  # the evaluation's prompts and noise (agents.evaluate's default; never a training seed)
+# Samples per evaluation batch, fixed: the seeds of agents.evaluate follow the batch index, so a run's own sampling
+# batch (64 in the committed runs, 32 in the tiny presets since 2026-12-07) would give other runs other samples.
+EVAL_BATCH = 64
 GRID_PROMPTS = 8  # rows of the before/after grid
 GRID_PER_PROMPT = 4
 GRID_SEED = 4321
@@ -104,16 +107,18 @@ def evaluate_point(cfg: TrainConfig, checkpoint: str | None, samples: int, cache
     from agents.evaluate import evaluate_diversity
 
     data = json.loads(cache.read_text()) if cache.exists() else {}
-    if data.get("samples") != samples:
+    # A cache from before EVAL_BATCH was sampled in batches of the run's own size.
+    if data.get("samples") != samples or data.get("eval_batch", cfg.sample_batch_size) != EVAL_BATCH:
         data = {}
     missing = [s for s in splits if s not in data]
     if not missing and (not diversity or data.get("diversity") is not None):
         return data
     t0 = time.perf_counter()
     policy, state = _policy(cfg, checkpoint)
+    cfg = cfg.replace(sample_batch_size=EVAL_BATCH)  # the same samples for every run (EVAL_BATCH)
     if (data.get("epoch"), data.get("reward_queries")) != (state.get("epoch", 0), state.get("reward_queries", 0)):
         data, missing = {}, list(splits)  # the cache is of other weights (a run trained again in place)
-    data.update({"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples,
+    data.update({"checkpoint": checkpoint, "epoch": state.get("epoch", 0), "samples": samples, "eval_batch": EVAL_BATCH,
                  "reward_queries": state.get("reward_queries", 0), **evaluate(cfg, policy, samples, splits=missing)})  # fmt: skip
     if diversity and data.get("diversity") is None:
         data["diversity"] = evaluate_diversity(cfg, policy)

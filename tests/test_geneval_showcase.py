@@ -67,6 +67,13 @@ def test_checkpoints_are_scored_at_the_base_models_prompts_and_seeds(still_run, 
     cache.write_text(json.dumps(data))
     fresh = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out"), "--no-grid", "--relations"])
     assert fresh["runs"][0]["points"][0]["train"]["all_correct"] == base["train"]["all_correct"]  # not the 2.0
+    # A cache from before the fixed evaluation batch, of a run that sampled in batches of 4: sampled again.
+    data = json.loads(cache.read_text())
+    data["train"]["all_correct"] = 2.0
+    del data["eval_batch"]
+    cache.write_text(json.dumps(data))
+    again = main([str(still_run), "--samples", "8", "--out", str(tmp_path / "out"), "--no-grid"])
+    assert again["runs"][0]["points"][0]["train"]["all_correct"] == base["train"]["all_correct"]
 
 
 def test_runs_of_other_tasks_are_refused(tmp_path):
