@@ -78,8 +78,8 @@ TINY_PRESET = dict(TINY_COMMON, train_batch_size=32, num_inner_epochs=2, clip_ra
 # benchmarks.improvement, one thread, micro-batches of 32 pairs): Compressibility 0.95 / 0.87 / 0.96 (0.93 ±
 # 0.05; the captioner's fidelity fell from about 0.4 to 0.1), Incompressibility seed 0 -0.79 (training reward
 # peaked at epoch 12, then fell; fidelity 0.03: collapsed). The same with --set lr_decay=linear (seed 0,
-# 2026-12-08): Compressibility 0.83 (fidelity 0.16 at the last epoch), Incompressibility 0.58 (no collapse,
-# fidelity 0.31): the decay stops the collapse but leaves both below 1.
+# 2026-12-08): Compressibility 0.83 (training fidelity 0.13 at the last epoch), Incompressibility 0.58 (no collapse,
+# fidelity 0.27): the decay stops the collapse but leaves both below 1.
 
 PRESETS = {
     "sd14": dict(SD14_COMMON, samples_per_epoch=256, train_batch_size=64, num_inner_epochs=1),
