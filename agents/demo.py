@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from agents.config import TrainConfig, preset_config
-from agents.distributed import run_forked
+from agents.distributed import run_forked, shutdown
 from agents.evaluate import evaluate_policy
 from agents.progress import describe_stop
 from agents.runtime import local_plan
@@ -76,8 +76,6 @@ def run(cfg: TrainConfig, minutes: float) -> int:
     """The demo in this process: training, and in the main process the evaluations before and after and the
     report (the other processes of a data-parallel run only train)."""
     import torch
-
-    from agents.distributed import shutdown
 
     start = time.perf_counter()
     trainer = Trainer(cfg)  # sets the torch threads: cfg.threads, or the cores not already busy

@@ -41,6 +41,7 @@ from agents.config import TrainConfig
 
 SPLITS = {"train": "tiny_train_scenes", "heldout": "tiny_heldout_scenes"}
 RELATION_SPLITS = {"seen_relations": "tiny_seen_relation_scenes", "heldout_relations": "tiny_heldout_relation_scenes"}
+ALL_SPLITS = {**SPLITS, **RELATION_SPLITS}
 SPLIT_LABELS = {"train": "training prompts", "heldout": "held-out colour×shape pairs",
                 "seen_relations": "2 objects, seen relations", "heldout_relations": "2 objects, held-out relations"}
 SPLIT_COLOURS = {"train": "tab:blue", "heldout": "tab:orange", "seen_relations": "tab:green",
@@ -76,13 +77,13 @@ def checkpoints(run: Path) -> list[str]:
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, policy, samples: int, seed: int = EVAL_SEED,
              splits: Sequence[str] = tuple(SPLITS)) -> dict[str, Any]:
-    """Each of ``splits``' figures (names of :data:`SPLITS` or :data:`RELATION_SPLITS`)."""
+    """Each of ``splits``' figures (names of :data:`ALL_SPLITS`)."""
     from agents.evaluate import evaluate_policy
     from benchmarks.geneval_ceiling import summary
 
     out = {}
     for split in splits:
-        r = evaluate_policy(cfg, policy, {**SPLITS, **RELATION_SPLITS}[split], num_samples=samples, seed=seed)
+        r = evaluate_policy(cfg, policy, ALL_SPLITS[split], num_samples=samples, seed=seed)
         out[split] = summary(r["images"], r["prompts"])
     return out
 
@@ -147,23 +148,22 @@ def plot_curves(runs: list[dict], base: dict, path: Path, splits: Sequence[str] 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    colours, labels = SPLIT_COLOURS, SPLIT_LABELS
     for split in splits:
         for r in runs:
             q = [0] + [p["reward_queries"] for p in r["points"]]
             y = [base[split]["all_correct"]] + [p[split]["all_correct"] for p in r["points"]]
-            ax.plot(q, y, color=colours[split], alpha=0.3, lw=1)
+            ax.plot(q, y, color=SPLIT_COLOURS[split], alpha=0.3, lw=1)
         grid = sorted({p["reward_queries"] for r in runs for p in r["points"]})
         common = [g for g in grid if all(any(p["reward_queries"] == g for p in r["points"]) for r in runs)]
         mean = [np.mean([next(p[split]["all_correct"] for p in r["points"] if p["reward_queries"] == g) for r in runs])
                 for g in common]  # fmt: skip
-        ax.plot([0] + common, [base[split]["all_correct"]] + mean, color=colours[split], lw=2.2,
-                label=f"{labels[split]} (mean of {len(runs)})")  # fmt: skip
+        ax.plot([0] + common, [base[split]["all_correct"]] + mean, color=SPLIT_COLOURS[split], lw=2.2,
+                label=f"{SPLIT_LABELS[split]} (mean of {len(runs)})")  # fmt: skip
     ceiling = Path(__file__).parent / "results" / "geneval_ceiling.json"  # through the VAE both tiny models share
     if ceiling.exists():
         c = json.loads(ceiling.read_text())
         for split in SPLITS:
-            ax.axhline(c[split]["vae_round_trip"]["all_correct"], color=colours[split], ls=":", lw=1,
+            ax.axhline(c[split]["vae_round_trip"]["all_correct"], color=SPLIT_COLOURS[split], ls=":", lw=1,
                        label=f"ceiling: true renders through the VAE ({split})")  # fmt: skip
     ax.set_xlabel("reward queries")
     ax.set_ylabel(f"all-correct rate ({base['train']['n']} fixed-seed samples)")
